@@ -1,0 +1,1 @@
+"""Data: read and clean a corpus (corpus.py), tokenize, FIM and pack it (pack.py)."""

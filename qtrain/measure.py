@@ -1,0 +1,131 @@
+"""Small pure functions for the numbers qtrain reports: memory, tokens/s, FLOPs, MFU, LR schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+
+import torch
+from torch import nn
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The peak that matters on ``device``: CUDA allocator peak on a GPU, process peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def matmul_flops(model: nn.Module) -> tuple[int, int]:
+    """(frozen, trainable) weight elements that take part in matmuls: every Linear/Conv1D weight, LM head included.
+
+    Embedding lookups do no multiply-adds, so input embeddings are left out; a tied LM head is a real matmul
+    and is counted through the output-embedding module.
+    """
+    frozen = trainable = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            w = module.weight
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            n = w.numel() * (2 if w.dtype == torch.uint8 else 1)
+            if w.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+    return frozen, trainable
+
+
+def train_flops_per_token(frozen_params: int, trainable_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Model FLOPs per trained token (PaLM appendix B; Kaplan et al. 2020).
+
+    A trainable weight costs 6 FLOPs/token (forward 2, input grad 2, weight grad 2); a frozen one 4 (no
+    weight grad); attention scores and values add 12 * layers * hidden * seq_len (forward + backward), needed
+    for any method. Gradient-checkpointing recomputation is *not* counted: this is MFU, not HFU.
+    """
+    return 6.0 * trainable_params + 4.0 * frozen_params + 12.0 * n_layers * hidden * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (measured) FLOP/s."""
+    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0
+
+
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * base_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> float:
+    """Best-of-``repeats`` FLOP/s of an ``n x n @ n x n`` matmul: the ceiling MFU is measured against."""
+    device = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up (thread pool, kernels)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # note: a CPU-GPU sync point, only here
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """The device's matmul ceiling: measured once per machine/threads/dtype and cached. Returns (FLOP/s, how)."""
+    from qtrain.io import atomic_write_json
+    from qtrain.models import cache_root
+
+    key = f"{device.type}-{platform.processor() or platform.machine()}-{torch.get_num_threads()}t-{dtype}-{torch.__version__}"
+    path = cache_root() / "matmul_ceiling.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        n = 4096 if device.type == "cuda" else 2048
+        table[key] = measure_matmul_flops(n=n, repeats=5, dtype=dtype, device=device)
+        try:
+            atomic_write_json(path, table)
+        except OSError:
+            pass
+    return float(table[key]), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
+
+
+def machine_info() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,128 @@
+"""Prepare a loaded model for a fine-tuning method. Methods change how the model is prepared, not the loop."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from qtrain.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+_ATTN_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2, SantaCoder) is a linear layer with transposed weights; peft handles it.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def classify_modules(model: nn.Module) -> dict[str, list[str]]:
+    """Full names of the model's linear and embedding layers by role: attention, mlp, language, other."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    roles: dict[str, list[str]] = {"attention": [], "mlp": [], "language": [], "other": []}
+    for name, module in model.named_modules():
+        if module is out_emb or module is in_emb:
+            roles["language"].append(name)
+        elif _is_linear(module):
+            parts = name.lower().split(".")
+            if any(w in p for p in parts for w in _ATTN_WORDS):
+                roles["attention"].append(name)
+            elif any(w in p for p in parts for w in _MLP_WORDS):
+                roles["mlp"].append(name)
+            else:
+                roles["other"].append(name)
+    return roles
+
+
+def _compact(names: list[str], roles: dict[str, list[str]]) -> list[str]:
+    """Shorten full module names to their last component where that is unambiguous (peft matches suffixes)."""
+    chosen = set(names)
+    all_names = [n for ns in roles.values() for n in ns]
+    out: set[str] = set()
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        if all(m in chosen for m in all_names if m.rsplit(".", 1)[-1] == leaf):
+            out.add(leaf)
+        else:
+            out.add(n)
+    return sorted(out)
+
+
+def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str] | str:
+    """Turn a preset (attention, mlp, language, attention+mlp, all-linear, all) or a list into peft targets."""
+    roles = classify_modules(model)
+    if isinstance(spec, list):
+        known = {n.rsplit(".", 1)[-1] for ns in roles.values() for n in ns} | {n for ns in roles.values() for n in ns}
+        unknown = [s for s in spec if s not in known]
+        if unknown:
+            raise RecipeError(f"target_modules {unknown} match no linear or embedding layer of this model; "
+                              f"its layers are named {sorted({n.rsplit('.', 1)[-1] for ns in roles.values() for n in ns})}")
+        return spec
+    if spec == "all-linear":
+        names = roles["attention"] + roles["mlp"] + roles["other"]
+    else:
+        wanted = {"attention": ["attention"], "mlp": ["mlp"], "language": ["language"],
+                  "attention+mlp": ["attention", "mlp"], "all": ["attention", "mlp", "other", "language"]}[spec]
+        names = [n for r in wanted for n in roles[r]]
+    if not names:
+        raise RecipeError(f"target_modules preset {spec!r} matches no layer of this model "
+                          f"({type(model).__name__}); name the modules explicitly as a list")
+    return _compact(names, roles)
+
+
+def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | None = None) -> nn.Module:
+    """Return the model ready to train with ``recipe.method``; only the trainable parameters require grad."""
+    if recipe.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads, and is what
+        # PyTorch recommends; the reentrant variant is being deprecated.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if recipe.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if recipe.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        if recipe.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=recipe.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        targets = resolve_target_modules(model, recipe.target_modules)
+        extra = {}
+        if new_token_ids:
+            # New special tokens (FIM) need trained embedding rows; peft trains just those rows.
+            emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()).rsplit(".", 1)[-1]
+            if isinstance(targets, list) and emb_name in targets:
+                log.info("embeddings carry LoRA already; new token rows are trained through it")
+            else:
+                extra["trainable_token_indices"] = {emb_name: list(new_token_ids)}
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                            target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
+        return get_peft_model(model, config)
+    raise RecipeError(f"method {recipe.method!r} is not available yet in this version of qtrain; "
+                      "use method=lora or method=full")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared tensors counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        # bitsandbytes 4-bit weights store 2 values per byte in a uint8 tensor
+        if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
+            n *= 2
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
