@@ -250,7 +250,9 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     from accelerate.utils import set_seed
 
     t_start = time.perf_counter()
-    accelerator = Accelerator()
+    # cpu=True without a GPU: that is what makes accelerate set up gloo (MULTI_CPU) under a multi-process
+    # launcher; without it each process would train alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(output)
     if accelerator.is_main_process:

@@ -1,0 +1,145 @@
+"""qtrain's loop vs the baseline a user would write by default (transformers Trainer + peft), side by side.
+
+Each configuration runs in its own subprocess (clean peak RSS), on the embedded default model and the
+default corpus (the same cleaned training documents for both), seq 512, effective batch 8 sequences.
+The baseline tokenizes each file truncated to 512 tokens and pads with DataCollatorForLanguageModeling;
+only real (non-padding) tokens are counted for it. Writes benchmarks/results/fit_vs_trainer.{json,md}.
+
+    python benchmarks/fit_vs_trainer.py --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ["qtrain-lora", "trainer-lora-1x8", "trainer-lora-8x1", "qtrain-full", "trainer-full-1x8"]
+
+
+def worker(name: str, steps: int, out: Path) -> None:
+    import torch
+
+    from qtrain.measure import machine_info, matmul_flops, mfu, peak_flops, peak_rss_bytes, train_flops_per_token
+    from qtrain.recipe import load_recipe
+
+    method = "full" if "full" in name else "lora"
+    recipe = load_recipe(ROOT / "recipes" / f"cpu-{method}.yaml", [f"max_steps={steps}", "save_every=0",
+                                                                   "warmup_steps=1", "val_max_sequences=4"])
+    if name.startswith("qtrain"):
+        from qtrain.train import fit
+
+        with tempfile.TemporaryDirectory() as d:
+            s = fit(recipe, output=Path(d) / "run")
+        result = {"tokens_per_second": s["tokens_per_second"], "mfu": s["mfu"], "train_tokens": s["train_tokens"],
+                  "train_seconds": s["train_seconds"], "padding_fraction": 0.0}
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+        from qtrain.data.corpus import load_corpus
+        from qtrain.models import load_model, load_tokenizer, resolve_model_source
+
+        mb, accum = (1, 8) if name.endswith("1x8") else (8, 1)
+        src = resolve_model_source(None)
+        tok = load_tokenizer(src)
+        train_docs, _, _ = load_corpus(None)
+        enc = tok([d.text for d in train_docs], truncation=True, max_length=recipe.seq_len)
+        dataset = [{"input_ids": ids} for ids in enc["input_ids"]]
+        model = load_model(src, dtype=torch.float32)
+        if method == "lora":
+            model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                                                     lora_dropout=recipe.lora_dropout, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM"))
+        base = DataCollatorForLanguageModeling(tok, mlm=False)
+        counted = {"real": 0, "padded": 0}
+
+        def collate(features):
+            batch = base(features)
+            counted["real"] += int(batch["attention_mask"].sum())
+            counted["padded"] += int(batch["attention_mask"].numel())
+            return batch
+
+        with tempfile.TemporaryDirectory() as d:
+            args = TrainingArguments(output_dir=d, per_device_train_batch_size=mb, gradient_accumulation_steps=accum,
+                                     max_steps=steps, learning_rate=recipe.learning_rate, warmup_steps=1,
+                                     lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
+                                     dataloader_num_workers=0, seed=0, use_cpu=True)
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+            out_metrics = trainer.train().metrics
+        frozen, trainable = matmul_flops(model)
+        cfg = model.config
+        fpt = train_flops_per_token(frozen, trainable, cfg.num_hidden_layers, cfg.hidden_size, recipe.seq_len)
+        ceiling, _ = peak_flops(torch.device("cpu"))
+        tps = counted["real"] / out_metrics["train_runtime"]
+        result = {"tokens_per_second": round(tps, 2), "mfu": round(mfu(tps, fpt, ceiling), 4),
+                  "train_tokens": counted["real"], "train_seconds": out_metrics["train_runtime"],
+                  "padding_fraction": round(1 - counted["real"] / max(1, counted["padded"]), 4)}
+    result.update(config=name, method=method, steps=steps, peak_rss_bytes=peak_rss_bytes(), machine=machine_info())
+    out.write_text(json.dumps(result))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--worker")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps, Path(args.out))
+        return
+    rows = []
+    for name in args.configs.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = Path(f.name)
+        t = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--out", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.read_text():
+            rows.append({"config": name, "error": proc.stderr[-2000:]})
+            print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+        else:
+            rows.append(json.loads(out.read_text()))
+            print(f"{name}: {rows[-1]['tokens_per_second']} tok/s, MFU {rows[-1]['mfu']}, "
+                  f"peak {rows[-1]['peak_rss_bytes'] / 2**30:.2f} GiB ({time.time() - t:.0f} s)", file=sys.stderr)
+        out.unlink(missing_ok=True)
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    by = {r["config"]: r for r in rows if "error" not in r}
+    ratios = {}
+    for method in ("lora", "full"):
+        q = by.get(f"qtrain-{method}")
+        for r in rows:
+            if r["config"].startswith(f"trainer-{method}") and q and "error" not in r:
+                ratios[f"qtrain-{method} / {r['config']}"] = round(q["tokens_per_second"] / r["tokens_per_second"], 3)
+    result = {"benchmark": "fit_vs_trainer", "git": git, "steps": args.steps, "seq_len": 512,
+              "effective_batch_sequences": 8, "rows": rows, "ratios": ratios,
+              "command": f"python benchmarks/fit_vs_trainer.py --steps {args.steps}"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from qtrain.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(RESULTS / "fit_vs_trainer.json", result)
+    machine = next((r["machine"] for r in rows if "machine" in r), {})
+    lines = [f"# qtrain loop vs transformers Trainer + peft ({args.steps} optimizer steps, seq 512, effective batch 8)",
+             "", f"Machine: {machine.get('cpu')} ({machine.get('cores')} cores, {machine.get('torch_threads')} torch threads), "
+             f"torch {machine.get('torch')}; git {git}. Reproduce: `{result['command']}`.", "",
+             "| config | real tokens/s | MFU | padding | peak RSS (GiB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | failed | | | |")
+        else:
+            lines.append(f"| {r['config']} | {r['tokens_per_second']:.1f} | {r['mfu']:.1%} | {r['padding_fraction']:.1%} | "
+                         f"{r['peak_rss_bytes'] / 2**30:.2f} |")
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
+    atomic_write_text(RESULTS / "fit_vs_trainer.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Load what ``qtrain fit`` produced: a run directory with a PEFT adapter or a full model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qtrain.models import ModelError, ModelSource, load_model
+
+
+def read_run(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    marker = run_dir / "run.json"
+    if not marker.is_file():
+        raise ModelError(f"{str(run_dir)!r} is not a qtrain run directory (no run.json); give the --output of "
+                         "`qtrain fit`")
+    return json.loads(marker.read_text())
+
+
+def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The fine-tuned model of a run: base + adapter for LoRA (embeddings resized if tokens were added), or full."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = Path(run_dir)
+    meta = read_run(run_dir)
+    if (run_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(ModelSource(meta["model_source"], meta["base_model"], meta["model"]), dtype=dtype)
+        if base.get_input_embeddings().num_embeddings != meta["vocab_size"]:
+            base.resize_token_embeddings(meta["vocab_size"])
+        return PeftModel.from_pretrained(base, run_dir)
+    if (run_dir / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
+    raise ModelError(f"run directory {str(run_dir)!r} holds no trained model (no adapter_config.json or config.json): "
+                     "the run did not finish; continue it with `qtrain fit -o DIR --resume`")

@@ -1,0 +1,159 @@
+"""The training loop end to end on a tiny random-init model: outputs, resume, Ctrl-C, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qtrain import cli
+from qtrain.checkpoint import CheckpointError
+from qtrain.recipe import load_recipe
+from qtrain.train import Progress, RunError, fit
+
+TINY = ["seq_len=64", "micro_batch_size=2", "grad_accum_steps=2", "warmup_steps=2", "val_max_sequences=4",
+        "lora_r=4", "lora_alpha=8", "learning_rate=1e-3"]
+
+
+def run(tmp_path, model_dir, data_dir, *extra, name="run", method="lora", steps=4):
+    recipe = load_recipe(None, TINY + [f"method={method}", f"max_steps={steps}", *extra])
+    out = tmp_path / name
+    return fit(recipe, model=str(model_dir), data=str(data_dir), output=out), out
+
+
+def test_lora_run_writes_a_loadable_adapter_and_summary(tmp_path, tiny_model_dir, code_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary, out = run(tmp_path, tiny_model_dir, code_dir, "save_every=2")
+    for key in ("method", "steps", "train_tokens", "tokens_per_second", "mfu", "peak_memory_bytes", "wall_seconds",
+                "val_loss_before", "val_loss_after"):
+        assert key in summary
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["train_tokens"] == 4 * 2 * 2 * 64
+    assert math.isfinite(summary["val_loss_after"]) and summary["tokens_per_second"] > 0
+    assert 0 < summary["mfu"] < 1
+    # a random-init model on real code with lr 1e-3 learns something in 4 steps
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+    assert (out / "recipe.yaml").is_file() and (out / "tokenizer.json").is_file()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["kept"] + report["dropped_total"] == report["files_seen"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all("tokens_per_second" in x and "peak_memory_bytes" in x for x in lines)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+
+
+def test_full_run_is_a_transformers_model(tmp_path, tiny_model_dir, code_dir):
+    from transformers import AutoModelForCausalLM
+
+    summary, out = run(tmp_path, tiny_model_dir, code_dir, method="full", steps=2)
+    assert summary["trainable_params"] == summary["total_params"]
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, code_dir, monkeypatch):
+    extra = ("lora_dropout=0.1", "save_every=100")
+    full, full_out = run(tmp_path, tiny_model_dir, code_dir, *extra, name="straight", steps=6)
+
+    original = Progress.update
+
+    def ctrl_c_at_step_3(self, step, info, every):
+        original(self, step, info, every)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "update", ctrl_c_at_step_3)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, tiny_model_dir, code_dir, *extra, name="broken", steps=6)
+    assert exc.value.code == 130
+    out = tmp_path / "broken"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(Progress, "update", original)
+
+    recipe = load_recipe(None, TINY + ["max_steps=6", *extra])
+    resumed = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=out, resume=True)
+    losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(out) == losses(full_out)
+    assert resumed["val_loss_after"] == full["val_loss_after"]
+    a = load_file(str(full_out / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_resume_refuses_an_incompatible_or_corrupt_checkpoint(tmp_path, tiny_model_dir, code_dir):
+    _, out = run(tmp_path, tiny_model_dir, code_dir, steps=2)
+    changed = load_recipe(None, TINY + ["max_steps=4", "lora_r=8"])
+    with pytest.raises(CheckpointError, match="lora_r=4.*lora_r=8"):
+        fit(changed, model=str(tiny_model_dir), data=str(code_dir), output=out, resume=True)
+    ck = out / "checkpoints" / "step-000002" / "trainable.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+    same = load_recipe(None, TINY + ["max_steps=4"])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(same, model=str(tiny_model_dir), data=str(code_dir), output=out, resume=True)
+
+
+def test_output_directory_rules(tmp_path, tiny_model_dir, code_dir, capsys):
+    _, out = run(tmp_path, tiny_model_dir, code_dir, steps=1)
+    args = ["fit", "--model", str(tiny_model_dir), "--data", str(code_dir), "-o", str(out), *TINY, "max_steps=1"]
+    assert cli.main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli.main(args + ["--overwrite"]) == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    args[6] = str(foreign)
+    assert cli.main(args + ["--overwrite"]) == 2
+    assert "not a qtrain run" in capsys.readouterr().err
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    with pytest.raises(RunError, match="nothing to resume"):
+        fit(load_recipe(None, TINY), model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "none",
+            resume=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such/dir"], "does not exist"),
+    (["--model", "/no/such/model"], "does not exist"),
+    (["lora_rnak=4"], "unknown recipe key 'lora_rnak'"),
+    (["--recipe", "recipes/none.yaml"], "does not exist"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, tiny_model_dir, code_dir, capsys, args, message):
+    base = {"--model": str(tiny_model_dir), "--data": str(code_dir)}
+    for i, a in enumerate(args):
+        if a in base:
+            base[a] = args[i + 1]
+    argv = ["fit", "-o", str(tmp_path / "o"), *TINY, "max_steps=1"] + [x for k, v in base.items() for x in (k, v)]
+    argv += [a for a in args if "=" in a] + (args if args[0] == "--recipe" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_fim_with_lora_trains_new_token_rows_and_reloads(tmp_path, tiny_model_dir, code_dir):
+    from qtrain.runs import load_trained
+
+    summary, out = run(tmp_path, tiny_model_dir, code_dir, "fim_rate=0.5", steps=2)
+    meta = json.loads((out / "run.json").read_text())
+    assert len(meta["added_tokens"]) == 3
+    model = load_trained(out)
+    assert model.get_base_model().config.vocab_size == meta["vocab_size"]
+    logits = model(torch.tensor([meta["added_tokens"]])).logits
+    assert logits.shape[-1] == meta["vocab_size"] and torch.isfinite(logits).all()
+
+
+def test_alpaca_run(tmp_path, tiny_model_dir):
+    data = tmp_path / "alpaca.jsonl"
+    recs = [{"instruction": f"Write a function that returns {i} times its argument.",
+             "output": f"def times_{i}(x):\n    return {i} * x\n"} for i in range(60)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recipe = load_recipe(None, TINY + ["max_steps=2", "near_dup_threshold=1.0"])
+    summary = fit(recipe, model=str(tiny_model_dir), data=str(data), output=tmp_path / "a")
+    assert summary["data"]["format"] == "alpaca" and math.isfinite(summary["val_loss_after"])

