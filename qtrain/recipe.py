@@ -45,6 +45,8 @@ class Recipe:
     # model / numerics
     dtype: Dtype = "float32"
     gradient_checkpointing: bool = False
+    # LM head + cross-entropy in chunks, never materialising [tokens, vocab] logits (qtrain/loss.py)
+    fused_cross_entropy: bool = True
     # data
     data_format: DataFormat = "auto"
     seq_len: int = 512

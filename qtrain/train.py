@@ -26,6 +26,7 @@ from qtrain import checkpoint as ckpt
 from qtrain.data.corpus import load_corpus
 from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
 from qtrain.io import atomic_write_json, make_tmp_dir
+from qtrain.loss import causal_lm_loss_sum, forward_loss_sum, fused_head
 from qtrain.measure import (lr_at, machine_info, matmul_flops, mfu, peak_flops, peak_memory_bytes,
                             tokens_per_second, train_flops_per_token)
 from qtrain.methods import count_parameters, prepare_model
@@ -71,12 +72,6 @@ def loss_scale(window_tokens_global: int, world_size: int) -> float:
     """Scale for a micro-batch's *summed* token loss so accumulated, DDP-averaged grads equal the grad of the
     mean loss over every target token of the optimizer step (all micro-batches, all processes)."""
     return world_size / max(1, window_tokens_global)
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over non-ignored positions (logits [B, T, V], labels [B, T])."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -128,7 +123,8 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------- eval
 
 @torch.no_grad()
-def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, micro_batch: int, accelerator) -> float:
+def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, micro_batch: int, accelerator, head=None,
+             unwrapped=None) -> float:
     """Mean next-token loss over the validation sequences, shared across processes."""
     was_training = model.training
     model.eval()
@@ -137,8 +133,7 @@ def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, micro_batch: int, a
     for start in range(rank * micro_batch, len(ids), world * micro_batch):
         x = ids[start:start + micro_batch].to(accelerator.device)
         y = labels[start:start + micro_batch].to(accelerator.device)
-        logits = model(input_ids=x, use_cache=False).logits
-        total[0] += causal_lm_loss_sum(logits, y).double()
+        total[0] += forward_loss_sum(model, unwrapped or model, x, y, head).double()
         total[1] += count_target_tokens(y)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
@@ -301,6 +296,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     net.train()
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
+    head = fused_head(unwrapped) if recipe.fused_cross_entropy else None
 
     # ---- resume
     recipe_dict = {**recipe.to_dict(), "_data_fingerprint": rep["fingerprint"]}
@@ -322,7 +318,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         atomic_write_json(run_dir / "data_report.json", rep)
 
     if val_before is None:
-        val_before = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator)
+        val_before = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
     _print(accelerator, f"validation loss before: {val_before:.4f} (perplexity {math.exp(val_before):.2f}) on "
                         f"{int(packed.val_ids.numel()):,} tokens")
 
@@ -370,11 +366,10 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                 for micro, (x, y) in enumerate(batches):
                     last = micro == recipe.grad_accum_steps - 1
                     with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(net):
-                        logits = net(input_ids=x.to(device), use_cache=False).logits
-                        loss = causal_lm_loss_sum(logits, y.to(device))
+                        loss = forward_loss_sum(net, unwrapped, x.to(device), y.to(device), head)
                         accelerator.backward(loss * scale)
                     loss_sum += loss.detach().double()
-                    del logits, loss
+                    del loss
                 grad_norm = None
                 if recipe.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(params, recipe.max_grad_norm))
@@ -399,7 +394,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                 progress.update(step, f"loss {mean_loss:.4f}  {tps:6.1f} tok/s  peak {peak / 2**30:.2f} GiB",
                                 recipe.log_every)
                 if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:
-                    vl = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator)
+                    vl = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
                     _print(accelerator, f"step {step}: validation loss {vl:.4f} (perplexity {math.exp(vl):.2f})")
                     if accelerator.is_main_process:
                         mfile.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
@@ -417,7 +412,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         raise SystemExit(130)
 
     save(step)
-    val_after = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator)
+    val_after = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
     peak = peak_memory_bytes(device)
     if world > 1:
         peak = int(accelerator.reduce(torch.tensor([peak], device=device), reduction="max").item())

@@ -1,0 +1,37 @@
+"""Splice the generated Markdown tables of benchmarks/results/ into README.md between their markers.
+
+    python benchmarks/update_readme.py
+
+A marker pair ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` receives ``results/NAME.md`` (its
+first heading demoted to ###). Tables in README are never typed by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def splice(readme: str, results: Path) -> str:
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        f = results / f"{name}.md"
+        if not f.is_file():
+            return m.group(0)
+        body = re.sub(r"^# ", "### ", f.read_text().strip(), count=1)
+        return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
+
+    return re.sub(r"<!-- results:([\w.-]+) -->.*?<!-- /results:\1 -->", repl, readme, flags=re.S)
+
+
+def main() -> None:
+    from qtrain.io import atomic_write_text
+
+    readme = ROOT / "README.md"
+    atomic_write_text(readme, splice(readme.read_text(), ROOT / "benchmarks" / "results"))
+
+
+if __name__ == "__main__":
+    main()

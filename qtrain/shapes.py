@@ -1,0 +1,131 @@
+"""Model shapes from a config alone (no weights): the numbers the memory model and FLOP counts need.
+
+Reads Hugging Face config dicts of the decoder families qtrain's users fine-tune (Llama, Mistral, Qwen2,
+GPT-2/BigCode, CodeGen, Falcon, GPT-NeoX). ``known_models.json`` ships the config numbers of the models
+the seeds and anchors talk about, so planning works offline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+KNOWN = Path(__file__).resolve().parent / "model_configs" / "known_models.json"
+
+
+class ShapeError(ValueError):
+    """A config qtrain cannot read; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    family: str  # model_type
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    gated_mlp: bool  # SwiGLU (3 matrices) vs GELU MLP (2)
+    learned_positions: int  # rows of a learned position embedding (GPT-2 family), else 0
+    qkv_bias: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def layer_linear_params(self) -> dict[str, int]:
+        """Weight elements of one decoder layer's linear maps, by role (attention / mlp)."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        attn = h * (h + 2 * kv) + h * h
+        mlp = (3 if self.gated_mlp else 2) * h * i
+        return {"attention": attn, "mlp": mlp}
+
+    def linear_params(self) -> int:
+        """Elements of every matmul weight: layers plus LM head (a tied head is still a matmul)."""
+        per = self.layer_linear_params()
+        return self.n_layers * (per["attention"] + per["mlp"]) + self.vocab * self.hidden
+
+    def total_params(self) -> int:
+        """Parameter count as stored (tied LM head counted once); norms and biases included approximately."""
+        emb = self.vocab * self.hidden + self.learned_positions * self.hidden
+        per = self.layer_linear_params()
+        norms = self.n_layers * 2 * self.hidden + self.hidden
+        bias = self.n_layers * (self.hidden + 2 * self.kv_dim) if self.qkv_bias else 0
+        head = 0 if self.tied else self.vocab * self.hidden
+        return emb + self.n_layers * (per["attention"] + per["mlp"]) + norms + bias + head
+
+    def lora_params(self, r: int, targets: str | list[str]) -> int:
+        """LoRA A and B elements for a target preset: r x (in + out) per adapted matrix."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        attn = [(h, h), (h, kv), (h, kv), (h, h)]
+        mlp = [(h, i), (h, i), (i, h)] if self.gated_mlp else [(h, i), (i, h)]
+        language = [(self.vocab, h), (h, self.vocab)]
+        if isinstance(targets, list):
+            names = {t.rsplit(".", 1)[-1] for t in targets}
+            a = [m for m, n in zip(attn, ("q_proj", "k_proj", "v_proj", "o_proj")) if n in names]
+            m_ = [m for m, n in zip(mlp, ("gate_proj", "up_proj", "down_proj")) if n in names]
+            per_layer, extra = a + m_, []
+        else:
+            per_layer = {"attention": attn, "mlp": mlp, "language": [], "attention+mlp": attn + mlp,
+                         "all-linear": attn + mlp, "all": attn + mlp}[targets]
+            extra = language if targets in ("language", "all") else []
+        return self.n_layers * sum(r * (a + b) for a, b in per_layer) + sum(r * (a + b) for a, b in extra)
+
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
+    """Normalise a Hugging Face config dict into a ModelShape."""
+    family = cfg.get("model_type", "unknown")
+    hidden = _get(cfg, "hidden_size", "n_embd", "d_model")
+    layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _get(cfg, "num_attention_heads", "n_head")
+    vocab = _get(cfg, "vocab_size")
+    if None in (hidden, layers, heads, vocab):
+        missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
+                                  ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
+        raise ShapeError(f"config of {name!r} ({family}) lacks {missing}; qtrain plans decoder-only transformers")
+    gated = family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "starcoder2x")
+    if family in ("gpt_bigcode",) or cfg.get("multi_query"):
+        kv = 1 if cfg.get("multi_query", True) and family in ("gpt_bigcode", "falcon") else heads
+        if family == "falcon" and cfg.get("new_decoder_architecture"):
+            kv = cfg.get("num_kv_heads", heads)
+    else:
+        kv = _get(cfg, "num_key_value_heads", "num_kv_heads", default=heads)
+    inter = _get(cfg, "intermediate_size", "n_inner", "ffn_hidden_size")
+    if inter is None:
+        inter = 4 * hidden
+    learned = _get(cfg, "n_positions", default=0) if family in ("gpt2", "gpt_bigcode") else 0
+    tied = bool(cfg.get("tie_word_embeddings", family in ("gpt2", "gpt_bigcode")))
+    return ModelShape(name=name, family=family, n_layers=int(layers), hidden=int(hidden), n_heads=int(heads),
+                      n_kv_heads=int(kv), intermediate=int(inter), vocab=int(vocab), tied=tied, gated_mlp=gated,
+                      learned_positions=int(learned), qkv_bias=family == "qwen2")
+
+
+@lru_cache(maxsize=1)
+def known_models() -> dict[str, dict]:
+    return json.loads(KNOWN.read_text())
+
+
+def lookup_known(name: str) -> dict | None:
+    """Case-insensitive match on the full hub id or on its last part (``CodeLlama-7b-hf``)."""
+    table = known_models()
+    low = name.lower()
+    for key, cfg in table.items():
+        if key.lower() == low or key.split("/")[-1].lower() == low.split("/")[-1]:
+            return {"_name": key, **cfg}
+    return None

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from qtrain.loss import IGNORE, causal_lm_loss_sum, fused_head, fused_linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 64])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_fused_loss_and_grads_match_the_logits_path(chunk, train_weight):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=train_weight)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE
+    ref = causal_lm_loss_sum(hidden @ weight.t(), labels)
+    ref_grads = torch.autograd.grad(ref * 0.37, [hidden] + ([weight] if train_weight else []))
+    out = fused_linear_cross_entropy(hidden, weight, labels, chunk_rows=chunk)
+    grads = torch.autograd.grad(out * 0.37, [hidden] + ([weight] if train_weight else []))
+    torch.testing.assert_close(out, ref.float() if out.dtype == torch.float32 else ref, rtol=1e-6, atol=1e-6,
+                               check_dtype=False)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, check_dtype=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, labels, chunk), ref.float(),
+                                   check_dtype=False)
+
+
+def test_causal_loss_matches_transformers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[1, :5] = IGNORE
+    out = model(input_ids=ids, labels=labels)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(causal_lm_loss_sum(out.logits, labels) / n, out.loss)
+    assert fused_head(model) is model.lm_head
+
+
+def test_fast_dropout_has_dropout_statistics_and_is_identity_in_eval():
+    from qtrain.methods import FastDropout
+
+    torch.manual_seed(0)
+    d = FastDropout(0.25)
+    x = torch.ones(200_000)
+    y = d(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.01
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    assert abs(y.mean().item() - 1.0) < 0.02
+    d.eval()
+    assert torch.equal(d(x), x)
+
+
+def test_lora_dropout_is_swapped_and_training_matches_logits_path(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qtrain.loss import forward_loss_sum
+    from qtrain.methods import FastDropout, prepare_model
+    from qtrain.recipe import Recipe
+
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Recipe(lora_dropout=0.1, lora_r=4))
+    assert any(isinstance(m, FastDropout) for m in model.modules())
+    model.eval()  # no dropout: the two loss paths must agree exactly on loss and LoRA grads
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    params = [p for p in model.parameters() if p.requires_grad]
+    a = forward_loss_sum(model, model, ids, ids, None)
+    ga = torch.autograd.grad(a, params)
+    b = forward_loss_sum(model, model, ids, ids, fused_head(model))
+    gb = torch.autograd.grad(b, params)
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
