@@ -11,11 +11,49 @@ from pathlib import Path
 
 from qtrain.recipe import RecipeError, load_recipe
 
+DEFAULT_CPU_BUDGET_TIME_S = 12 * 60  # `qtrain fit --budget 8GB` on a CPU: a first result in minutes
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def _default_output(recipe_name: str) -> Path:
     return Path("runs") / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def parse_duration(text: str) -> float:
+    """'30m', '2h', '90s', '1h30m', '45' (seconds) -> seconds."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms]?)", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text.strip().lower()):
+        raise RecipeError(f"--time {text!r} is not a duration; write it like 30m, 2h, 90s or 1h30m")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise RecipeError(f"--time {text!r} must be positive")
+    return seconds
+
+
+def _plan_from_args(args, base):
+    from qtrain.measure import peak_flops
+    from qtrain.plan import default_budget, detect_device, model_shape, parse_bytes, plan_recipe
+
+    device, memory = detect_device(args.device)
+    budget = parse_bytes(args.budget) if args.budget else default_budget(device, memory)
+    shape = model_shape(args.model)
+    import torch
+
+    flops = peak_flops(torch.device("cpu"))[0] if device == "cpu" else 100e12
+    return plan_recipe(shape, budget, device, base, flops)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from qtrain.plan import render_plan
+
+    base = load_recipe(args.recipe, list(args.overrides))
+    plan = _plan_from_args(args, base)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else render_plan(plan))
+    return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -24,12 +62,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
+    time_limit = parse_duration(args.time) if args.time else None
+    if args.budget and time_limit is None and args.max_steps is None and not args.resume:
+        import torch
+
+        if not torch.cuda.is_available():
+            time_limit = DEFAULT_CPU_BUDGET_TIME_S
+            print(f"qtrain fit: no --time or --max-steps given: limiting this CPU run to "
+                  f"{DEFAULT_CPU_BUDGET_TIME_S // 60:.0f} minutes (pass --time 2h or --max-steps N to change)",
+                  file=sys.stderr)
+    if time_limit is not None and args.max_steps is None:
+        overrides.append("max_steps=1000000")  # the time limit decides how many steps
     recipe = load_recipe(args.recipe, overrides)
-    output = Path(args.output) if args.output else _default_output(recipe.name)
+    extra = {}
+    if args.budget:
+        from qtrain.plan import render_plan
+
+        plan = _plan_from_args(args, recipe)
+        print(render_plan(plan, limit=5), file=sys.stderr)
+        recipe = plan.chosen.recipe.replace(name=f"{recipe.name}-{plan.chosen.recipe.method}")
+        extra = {"budget_bytes": plan.budget_bytes, "plan_reason": plan.reason}
     if args.resume and not args.output:
         raise RecipeError("--resume needs --output/-o naming the run directory to continue")
+    output = Path(args.output) if args.output else _default_output(recipe.name)
+    from qtrain.models import resolve_model_source
+    from qtrain.plan import model_shape, predict
+
+    resolve_model_source(args.model)  # a missing model is one clear error, before anything else
+    try:
+        shape = model_shape(args.model)
+        device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+        extra["predicted_peak_bytes"] = predict(shape, recipe, device).peak_bytes
+    except Exception as exc:  # a prediction is a bonus; an unplannable architecture still trains
+        print(f"qtrain fit: note: no memory prediction for this model ({exc})", file=sys.stderr)
     fit(recipe, model=args.model, data=args.data, output=output, resume=args.resume, overwrite=args.overwrite,
-        skip_bad_lines=args.skip_bad_lines)
+        skip_bad_lines=args.skip_bad_lines, extra_summary=extra, time_limit_s=time_limit)
     return 0
 
 
@@ -58,7 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing run in --output")
     fit.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    fit.add_argument("--budget", help="memory budget (e.g. 8GB): plan the recipe that fits, then train it")
+    fit.add_argument("--device", default="auto", help="cpu, cuda or auto (what torch sees); used with --budget")
+    fit.add_argument("--time", help="wall-time limit (e.g. 30m, 2h, 90s): steps are planned to fit it")
     fit.set_defaults(func=cmd_fit)
+
+    plan = sub.add_parser("plan", help="predict memory per recipe and pick the one that fits a budget",
+                          description="Predict peak training memory from the model config alone and pick a recipe.")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="base recipe overrides (e.g. seq_len=2048)")
+    plan.add_argument("--model", help="hub id (offline: the shipped configs), local directory, .gguf; default: embedded")
+    plan.add_argument("--budget", help="memory budget, e.g. 8GB (default on CPU: available RAM minus 10%%)")
+    plan.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    plan.add_argument("--recipe", help="base recipe (target seq_len, effective batch, LoRA rank)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(func=cmd_recipes)
@@ -87,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     from qtrain.checkpoint import CheckpointError
     from qtrain.data.corpus import DataError
     from qtrain.models import ModelError
+    from qtrain.plan import BudgetError
+    from qtrain.shapes import ShapeError
     from qtrain.train import RunError
 
     try:
         return args.func(args)
-    except (RecipeError, DataError, ModelError, RunError, CheckpointError) as exc:
+    except (RecipeError, DataError, ModelError, RunError, CheckpointError, BudgetError, ShapeError) as exc:
         print(f"qtrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -75,6 +75,21 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
     return _compact(names, roles)
 
 
+def quantization_config(recipe: Recipe, device_type: str):
+    """bitsandbytes NF4 with double quantisation for QLoRA (Dettmers et al. 2023); None for other methods.
+
+    Compute dtype per device: bf16 on CUDA, fp32 on CPU (bitsandbytes >= 0.49 runs 4-bit on CPU; bf16
+    matmuls are slow on CPUs without native bf16).
+    """
+    if recipe.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+
+
 def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | None = None) -> nn.Module:
     """Return the model ready to train with ``recipe.method``; only the trainable parameters require grad."""
     if recipe.gradient_checkpointing:

@@ -29,7 +29,7 @@ from qtrain.io import atomic_write_json, make_tmp_dir
 from qtrain.loss import causal_lm_loss_sum, forward_loss_sum, fused_head
 from qtrain.measure import (lr_at, machine_info, matmul_flops, mfu, peak_flops, peak_memory_bytes,
                             tokens_per_second, train_flops_per_token)
-from qtrain.methods import count_parameters, prepare_model
+from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.recipe import Recipe, save_recipe
 
@@ -213,6 +213,11 @@ class Progress:
         elif step % every == 0 or step == self.total:
             self.console.print(f"step {step}/{self.total} {info}", highlight=False)
 
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -239,8 +244,13 @@ def _print(accelerator, msg: str) -> None:
 
 def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, output: str | Path,
         resume: bool = False, overwrite: bool = False, skip_bad_lines: bool = False,
-        extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``recipe`` on ``data`` starting from ``model``; write the run to ``output``; return the summary."""
+        extra_summary: dict[str, Any] | None = None, time_limit_s: float | None = None) -> dict[str, Any]:
+    """Train ``recipe`` on ``data`` starting from ``model``; write the run to ``output``; return the summary.
+
+    ``time_limit_s`` bounds the wall time of this call: after each step the run stops cleanly (checkpoint and
+    summary) if another step, at the mean step time so far, would pass the limit, leaving room for the final
+    evaluation and save.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -267,7 +277,9 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
 
     # ---- model and method
     dtype = getattr(torch, recipe.dtype)
-    net = load_model(source, dtype=dtype)
+    qconf = quantization_config(recipe, device.type)
+    net = load_model(source, dtype=dtype, **({"quantization_config": qconf, "device_map": {"": str(device)}}
+                                             if qconf is not None else {}))
     if packed.new_token_ids:
         net.resize_token_embeddings(len(tokenizer))
         _print(accelerator, f"added FIM tokens {packed.new_token_ids} to the tokenizer and resized the embeddings")
@@ -291,8 +303,12 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = make_optimizer(groups, recipe, device)
+    # the schedule's horizon: recipe.max_steps, or, under a time limit, the steps that fit in it (planned
+    # from the predicted throughput, then refined from the measured one after two steps)
+    horizon = {"steps": recipe.max_steps}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-        s, base_lr=1.0, warmup_steps=recipe.warmup_steps, max_steps=recipe.max_steps, min_lr_ratio=recipe.min_lr_ratio))
+        s, base_lr=1.0, warmup_steps=min(recipe.warmup_steps, max(1, horizon["steps"] // 2)),
+        max_steps=horizon["steps"], min_lr_ratio=recipe.min_lr_ratio))
     net.train()
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
@@ -307,6 +323,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         ckpt.check_compatible(state, recipe_dict, source.name, world)
         state = ckpt.load_checkpoint(latest, unwrapped, optimizer, scheduler, rank)
         step, train_seconds, train_tokens = state["step"], state["train_seconds"], state["train_tokens"]
+        horizon["steps"] = state.get("horizon_steps", recipe.max_steps)
         val_before = state.get("val_loss_before")
         _print(accelerator, f"resumed from {latest} at step {step}")
     if accelerator.is_main_process:
@@ -317,20 +334,32 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         save_recipe(recipe, run_dir / "recipe.yaml")
         atomic_write_json(run_dir / "data_report.json", rep)
 
+    start_step, session_train_s0 = step, train_seconds
+    t_val = time.perf_counter()
     if val_before is None:
         val_before = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
+    val_seconds = time.perf_counter() - t_val
     _print(accelerator, f"validation loss before: {val_before:.4f} (perplexity {math.exp(val_before):.2f}) on "
                         f"{int(packed.val_ids.numel()):,} tokens")
+    tokens_per_step_all = recipe.effective_batch_size * world * recipe.seq_len
+    if time_limit_s is not None and not resume:
+        predicted_tps = 0.5 * ceiling * world / flops_tok  # MFU ~0.5 measured on CPU (benchmarks/)
+        left = time_limit_s - (time.perf_counter() - t_start) - 2 * val_seconds - 10
+        horizon["steps"] = max(1, min(recipe.max_steps, int(left * predicted_tps / tokens_per_step_all)))
+        _print(accelerator, f"time limit {time_limit_s:.0f} s: planned {horizon['steps']} steps from the predicted "
+                            f"{predicted_tps:.0f} tokens/s (refined after 2 steps)")
 
     # ---- loop
     metrics_path = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         _truncate_metrics(metrics_path, step)
-    progress = Progress(recipe.max_steps, step, accelerator.is_main_process)
+    progress = Progress(horizon["steps"], step, accelerator.is_main_process)
     perms: dict[int, torch.Tensor] = {}
     n_seq = len(packed.train_ids)
     tokens_per_step = recipe.effective_batch_size * world * recipe.seq_len
     interrupted = False
+    stopped_for_time = False
+    final_eval_s = 0.0
     old_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
     state_common = {"model": source.name, "world_size": world, "recipe": recipe.to_dict(),
                     "data_fingerprint": rep["fingerprint"]}
@@ -346,13 +375,14 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         if accelerator.is_main_process:
             ckpt.save_checkpoint(run_dir, at_step, unwrapped, optimizer, scheduler,
                                  {**state_common, "train_seconds": train_seconds, "train_tokens": train_tokens,
+                                  "horizon_steps": horizon["steps"],
                                   "val_loss_before": val_before}, rngs)
         if collective:
             accelerator.wait_for_everyone()
 
     try:
         with open(metrics_path, "a") if accelerator.is_main_process else contextlib.nullcontext() as mfile:
-            while step < recipe.max_steps:
+            while step < horizon["steps"]:
                 t0 = time.perf_counter()
                 batches = []
                 for micro in range(recipe.grad_accum_steps):
@@ -393,13 +423,30 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                     mfile.flush()
                 progress.update(step, f"loss {mean_loss:.4f}  {tps:6.1f} tok/s  peak {peak / 2**30:.2f} GiB",
                                 recipe.log_every)
-                if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:
+                if recipe.eval_every and step % recipe.eval_every == 0 and step < horizon["steps"]:
                     vl = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
                     _print(accelerator, f"step {step}: validation loss {vl:.4f} (perplexity {math.exp(vl):.2f})")
                     if accelerator.is_main_process:
                         mfile.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
-                if recipe.save_every and step % recipe.save_every == 0 and step < recipe.max_steps:
+                if recipe.save_every and step % recipe.save_every == 0 and step < horizon["steps"]:
                     save(step)
+                if time_limit_s is not None and step < horizon["steps"]:
+                    elapsed = time.perf_counter() - t_start
+                    mean_step = (train_seconds - session_train_s0) / max(1, step - start_step)
+                    final_eval_s = val_seconds  # the closing evaluation costs what the opening one did
+                    if step - start_step in (2, 5, 20, 50, 200, 1000):
+                        left = time_limit_s - elapsed - final_eval_s - 10
+                        horizon["steps"] = max(step, min(recipe.max_steps, step + int(left / mean_step)))
+                        progress.set_total(horizon["steps"])
+                        _print(accelerator, f"measured {mean_step:.2f} s/step: {horizon['steps']} steps fit the time limit")
+                    stop = elapsed + mean_step + final_eval_s + 5.0 > time_limit_s
+                    if world > 1:
+                        stop = bool(accelerator.reduce(torch.tensor([int(stop)], device=device), reduction="max").item())
+                    if stop:
+                        stopped_for_time = True
+                        _print(accelerator, f"time limit {time_limit_s:.0f} s: stopping after step {step} "
+                                            f"(mean step {mean_step:.1f} s)")
+                        break
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -426,6 +473,8 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         "val_perplexity_before": round(math.exp(val_before), 4), "val_perplexity_after": round(math.exp(val_after), 4),
         "val_tokens": int(packed.val_ids.numel()), "trainable_params": trainable, "total_params": total,
         "flops_per_token": flops_tok, "peak_flops": ceiling, "peak_flops_source": ceiling_how,
+        "max_steps": recipe.max_steps, "planned_steps": horizon["steps"], "stopped_for_time": stopped_for_time,
+        "time_limit_seconds": time_limit_s,
         "world_size": world, "device": str(device), "machine": machine_info(), "versions": _versions(),
         "data": {k: rep[k] for k in ("source", "format", "kept", "dropped", "train_sequences", "val_sequences")},
         **(extra_summary or {}),

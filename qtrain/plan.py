@@ -1,0 +1,335 @@
+"""The memory model: model config + recipe + device -> predicted peak bytes, as a sum of named terms.
+
+Every term is a formula of the config numbers (qtrain/shapes.py), never of loaded weights, so a 7B
+config plans in milliseconds. Activation terms come from a census of the tensors autograd saves in a
+Hugging Face Llama decoder layer (torch.autograd.graph.saved_tensors_hooks, parameters excluded, sdpa
+attention), measured for six shapes and solved exactly for the coefficients below; see
+tests/test_plan.py, which re-runs that census on random shapes and checks the formula against it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from qtrain.recipe import Recipe
+from qtrain.shapes import ModelShape
+
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# bitsandbytes NF4 with double quantisation: 4 bits per weight, one int8 absmax per 64-weight block,
+# and one fp32 scale per 256 absmax values (Dettmers et al. 2023, QLoRA sec. 3).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+FUSED_CE_CHUNK_ROWS = 256
+
+# Runtime overhead, calibrated per device kind. CPU: RSS of a Python process that has imported torch,
+# transformers, peft and accelerate and built the model objects, minus the weights (measured on this
+# project's machine with benchmarks/memory_calibration.py). CUDA: the context (kernels, cuBLAS workspace)
+# as commonly measured on consumer cards, plus allocator fragmentation as a fraction of the rest.
+RUNTIME_BYTES = {"cpu": 700 * 2**20, "cuda": 500 * 2**20}
+FRAGMENTATION = {"cpu": 0.05, "cuda": 0.10}
+
+
+class BudgetError(ValueError):
+    """Nothing fits, or the budget is malformed; the message names the smallest budget that would fit."""
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'8GB', '7.5 GiB', '512MB', '1e9' -> bytes. GB and GiB both mean 2**30 bytes, as GPU makers and
+    nvidia-smi use them ("an 8 GB card")."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not m:
+        raise BudgetError(f"budget {text!r} is not a size; write it like 8GB, 7.5GiB or 512MB")
+    value = float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2)]
+    if value <= 0:
+        raise BudgetError(f"budget {text!r} must be positive")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.0f} MiB"
+
+
+def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> int:
+    """Bytes autograd saves for one decoder layer over ``tokens`` positions (no checkpointing).
+
+    Llama-family census (per token, B = bytes of the compute dtype):
+      full fine-tuning:  B * (8h + 2kv + 4i + heads + 2)
+      LoRA, dropout 0:   full - 2h*B + 7r*B          (frozen matmuls keep no inputs; A outputs kept)
+      LoRA, dropout > 0: + (6h + i) one-byte masks + 4h*B
+    GELU-MLP families (GPT-2/BigCode/CodeGen/Falcon) keep 2 fewer intermediate-size tensors.
+    """
+    b = DTYPE_BYTES[recipe.dtype]
+    h, kv, i, heads = shape.hidden, shape.kv_dim, shape.intermediate, shape.n_heads
+    mlp_tensors = 4 if shape.gated_mlp else 2
+    per_token = b * (8 * h + 2 * kv + mlp_tensors * i + heads + 2)
+    if recipe.method in ("lora", "qlora"):
+        frac = _adapted_fraction(recipe.target_modules)
+        per_token += frac * (-2 * h * b + 7 * recipe.lora_r * b)
+        if recipe.lora_dropout > 0:
+            per_token += frac * ((6 * h + i) + 4 * h * b)
+    return int(per_token * tokens)
+
+
+def _adapted_fraction(targets) -> float:
+    if isinstance(targets, list):
+        return min(1.0, len(targets) / 7)
+    return {"attention": 4 / 7, "mlp": 3 / 7, "language": 0.0, "attention+mlp": 1.0, "all-linear": 1.0,
+            "all": 1.0}[targets]
+
+
+@dataclass
+class Prediction:
+    terms: dict[str, int]
+    peak_bytes: int
+    tokens_per_second: float
+    notes: list[str] = field(default_factory=list)
+
+
+def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: float = 168e9) -> Prediction:
+    """Predicted peak memory (sum of named terms, bytes) and tokens/s of training ``recipe`` on ``shape``."""
+    b = DTYPE_BYTES[recipe.dtype]
+    total = shape.total_params()
+    linear = shape.n_layers * sum(shape.layer_linear_params().values())
+    terms: dict[str, int] = {}
+    if recipe.method == "qlora":
+        terms["weights"] = int(linear * NF4_BYTES_PER_PARAM + (total - linear) * b)
+    else:
+        terms["weights"] = total * b
+    if recipe.method in ("lora", "qlora"):
+        trainable = shape.lora_params(recipe.lora_r, recipe.target_modules)
+        terms["lora_parameters"] = trainable * 4  # adapters are kept in fp32
+        grad_bytes = 4
+    else:
+        trainable = total
+        grad_bytes = b
+    terms["gradients"] = trainable * grad_bytes
+    opt_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}[recipe.optimizer]
+    terms["optimizer_states"] = trainable * opt_bytes
+    tokens = recipe.micro_batch_size * recipe.seq_len
+    one_layer = layer_activation_bytes(shape, recipe, tokens)
+    if recipe.gradient_checkpointing:
+        # only each layer's input is kept; one layer is recomputed at a time during backward
+        terms["activations"] = shape.n_layers * tokens * shape.hidden * b + one_layer
+    else:
+        terms["activations"] = shape.n_layers * one_layer
+    # while a layer runs backward, its activation gradients live beside the saved tensors
+    terms["backward_workspace"] = one_layer
+    if recipe.fused_cross_entropy:
+        rows = min(tokens, FUSED_CE_CHUNK_ROWS)
+        terms["logits_and_loss"] = rows * shape.vocab * 4 * 2 + tokens * shape.hidden * 4 * 2
+    else:
+        # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32
+        terms["logits_and_loss"] = tokens * shape.vocab * 4 * 3
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    body = sum(terms.values())
+    terms["runtime_overhead"] = RUNTIME_BYTES[kind] + int(FRAGMENTATION[kind] * body)
+    peak = sum(terms.values())
+    head = shape.vocab * shape.hidden
+    if recipe.method in ("lora", "qlora"):
+        flops = 4.0 * (linear + head) + 6.0 * trainable
+    else:
+        flops = 6.0 * (linear + head)
+    flops += 12.0 * shape.n_layers * shape.hidden * recipe.seq_len
+    if recipe.gradient_checkpointing:
+        flops += 2.0 * linear + 4.0 * shape.n_layers * shape.hidden * recipe.seq_len  # the recomputed forward
+    # MFU measured for LoRA and full fine-tuning on a 2-core CPU is ~0.5-0.6 (benchmarks/fit_vs_trainer.py);
+    # 0.5 is assumed for a prediction on any device.
+    tps = 0.5 * peak_flops / flops
+    return Prediction(terms, peak, tps)
+
+
+# ---------------------------------------------------------------------------------------------- choice
+
+METHOD_QUALITY = {"full": 3, "lora": 2, "qlora": 1}
+METHOD_DEFAULTS = {"full": {"learning_rate": 2e-5}, "lora": {"learning_rate": 2e-4}, "qlora": {"learning_rate": 2e-4}}
+SAFETY_MARGIN = 0.10
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    prediction: Prediction
+    fits: bool
+
+    def row(self) -> dict:
+        r = self.recipe
+        return {"method": r.method, "gradient_checkpointing": r.gradient_checkpointing, "seq_len": r.seq_len,
+                "micro_batch_size": r.micro_batch_size, "grad_accum_steps": r.grad_accum_steps,
+                "optimizer": r.optimizer, "lora_r": r.lora_r if r.method != "full" else None,
+                "predicted_peak_bytes": self.prediction.peak_bytes,
+                "predicted_tokens_per_second": round(self.prediction.tokens_per_second, 1),
+                "terms": self.prediction.terms, "fits": self.fits}
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    budget_bytes: int
+    usable_bytes: int
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "device": self.device, "budget_bytes": self.budget_bytes,
+                "usable_bytes": self.usable_bytes, "safety_margin": SAFETY_MARGIN,
+                "chosen": self.chosen.row() if self.chosen else None, "reason": self.reason,
+                "candidates": [c.row() for c in self.candidates]}
+
+
+def _sort_key(c: Candidate):
+    r = c.recipe
+    # best-quality method, then the longest sequence, then no checkpointing (it costs a recomputed
+    # forward, ~1/3 more compute) if it fits, then the largest micro-batch, then the faster optimizer
+    return (METHOD_QUALITY[r.method], r.seq_len, not r.gradient_checkpointing, r.micro_batch_size,
+            r.optimizer == "adamw")
+
+
+def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora")) -> list[Recipe]:
+    """The grid the planner searches: method x checkpointing x seq_len (halving) x micro-batch x optimizer,
+    keeping the base recipe's effective batch (micro-batch x accumulation)."""
+    effective = base.effective_batch_size
+    # compute dtype per device: bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are much slower without
+    # native support (AVX-512 BF16 / AMX)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    seqs = []
+    s = base.seq_len
+    while s >= 128:
+        seqs.append(s)
+        s //= 2
+    seqs = seqs or [base.seq_len]
+    out = []
+    for method in methods:
+        optimizers = ["adamw"] + (["adamw_8bit"] if device.startswith("cuda") else [])
+        for gc in (False, True):
+            for seq in seqs:
+                for mb in (8, 4, 2, 1):
+                    if mb > effective:
+                        continue
+                    for opt in optimizers:
+                        values = {**base.to_dict(), **METHOD_DEFAULTS[method], "method": method,
+                                  "gradient_checkpointing": gc, "seq_len": seq, "micro_batch_size": mb,
+                                  "grad_accum_steps": max(1, math.ceil(effective / mb)), "optimizer": opt,
+                                  "dtype": dtype,
+                                  "name": f"planned-{method}"}
+                        out.append(Recipe(**values))
+    return out
+
+
+def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe, peak_flops: float = 168e9,
+                methods=("full", "lora", "qlora")) -> Plan:
+    """Rank the candidates that fit ``budget_bytes`` (minus a safety margin) and pick one, or say why none does."""
+    usable = int(budget_bytes * (1 - SAFETY_MARGIN))
+    cands = []
+    for r in candidate_recipes(base, device, methods):
+        pred = predict(shape, r, device, peak_flops)
+        cands.append(Candidate(r, pred, pred.peak_bytes <= usable))
+    fitting = sorted((c for c in cands if c.fits), key=_sort_key, reverse=True)
+    if not fitting:
+        smallest = min(cands, key=lambda c: c.prediction.peak_bytes)
+        need = smallest.prediction.peak_bytes / (1 - SAFETY_MARGIN)
+        r = smallest.recipe
+        raise BudgetError(
+            f"budget {format_bytes(budget_bytes)} is below the smallest recipe for {shape.name} on {device}: "
+            f"{r.method} r={r.lora_r} seq {r.seq_len} micro-batch {r.micro_batch_size}"
+            f"{' with checkpointing' if r.gradient_checkpointing else ''} needs {format_bytes(smallest.prediction.peak_bytes)} "
+            f"predicted (+{SAFETY_MARGIN:.0%} margin); try --budget {math.ceil(need / GiB * 10) / 10:g}GB or a smaller model")
+    chosen = fitting[0]
+    r = chosen.recipe
+    better = [m for m in METHOD_QUALITY if METHOD_QUALITY[m] > METHOD_QUALITY[r.method]]
+    why = [f"{r.method} is the best-quality method that fits"]
+    if better:
+        why.append(f"({', '.join(better)} would need more than {format_bytes(usable)})")
+    if r.seq_len < base.seq_len:
+        why.append(f"at seq_len {r.seq_len} (the target {base.seq_len} does not fit)")
+    if r.gradient_checkpointing:
+        why.append("with gradient checkpointing (needed to fit)")
+    reason = " ".join(why)
+    return Plan(shape.name, device, budget_bytes, usable, chosen, fitting, reason)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def model_shape(model: str | None) -> ModelShape:
+    """The shape of ``model`` without loading weights: shipped config numbers, a local config.json, the
+    embedded default, or (with a network) the hub's config."""
+    import json
+    from pathlib import Path
+
+    from qtrain.models import DEFAULT_MODEL_NAME, ModelError
+    from qtrain.shapes import lookup_known, shape_from_config
+
+    if model is None:
+        return shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), DEFAULT_MODEL_NAME)
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return shape_from_config(json.loads((path / "config.json").read_text()), path.name)
+    if path.is_file() and path.suffix == ".gguf":
+        from qtrain.models import ModelSource, load_config
+
+        return shape_from_config(load_config(ModelSource("gguf", str(path.resolve()), path.stem)).to_dict(), path.stem)
+    known = lookup_known(model)
+    if known is not None:
+        name = known.pop("_name")
+        return shape_from_config(known, name)
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelError(f"--model {model!r} is not a model directory with config.json or a .gguf file")
+    try:
+        from transformers import AutoConfig
+
+        return shape_from_config(AutoConfig.from_pretrained(model).to_dict(), model)
+    except OSError:
+        from qtrain.shapes import known_models
+
+        raise ModelError(f"model {model!r} is not among the shipped configs and the hub is not reachable; known "
+                         f"offline: {', '.join(sorted(known_models()))}; or give a directory with config.json") from None
+
+
+def detect_device(device: str = "auto") -> tuple[str, int | None]:
+    """('cpu' | 'cuda:N', memory bytes of that device or None). auto: what torch sees."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise BudgetError(f"--device {device!r}: use cpu, cuda or auto")
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            idx = int(device.split(":")[1]) if ":" in device else 0
+            return f"cuda:{idx}", torch.cuda.get_device_properties(idx).total_memory
+        return "cuda", None  # planning for a GPU this machine does not have
+    import psutil
+
+    return "cpu", psutil.virtual_memory().available
+
+
+def default_budget(device: str, memory: int | None) -> int:
+    """On a CPU with no --budget: the memory available now, minus 10% for everything else."""
+    if memory is None:
+        raise BudgetError(f"no --budget given and the memory of {device} is unknown here; pass --budget (e.g. 8GB)")
+    return int(memory * 0.9)
+
+
+def render_plan(plan: Plan, limit: int = 12) -> str:
+    """A ranked table of what fits, the terms of the pick, and why."""
+    lines = [f"plan for {plan.model} on {plan.device}: budget {format_bytes(plan.budget_bytes)}, usable "
+             f"{format_bytes(plan.usable_bytes)} after a {SAFETY_MARGIN:.0%} safety margin", "",
+             f"{'#':>3}  {'method':6} {'ckpt':4} {'seq':>5} {'batch':>7} {'optimizer':10} {'peak':>10} {'tok/s':>8}"]
+    for i, c in enumerate(plan.candidates[:limit], 1):
+        r = c.recipe
+        lines.append(f"{i:>3}  {r.method:6} {'yes' if r.gradient_checkpointing else 'no':4} {r.seq_len:>5} "
+                     f"{f'{r.micro_batch_size}x{r.grad_accum_steps}':>7} {r.optimizer:10} "
+                     f"{format_bytes(c.prediction.peak_bytes):>10} {c.prediction.tokens_per_second:>8.0f}")
+    if len(plan.candidates) > limit:
+        lines.append(f"     ... {len(plan.candidates) - limit} more that fit")
+    c = plan.chosen
+    lines += ["", f"chosen: #1 {plan.reason}", "predicted peak memory, by term:"]
+    for k, v in c.prediction.terms.items():
+        lines.append(f"  {k:20s} {format_bytes(v):>10}")
+    lines.append(f"  {'total':20s} {format_bytes(c.prediction.peak_bytes):>10}")
+    return "\n".join(lines)
