@@ -83,9 +83,10 @@ def _adapted_fraction(targets) -> float:
 
 @dataclass
 class Prediction:
-    terms: dict[str, int]
-    peak_bytes: int
+    terms: dict[str, int]  # training peak, by term; they sum to train_peak_bytes
+    peak_bytes: int  # max(training peak, loading peak)
     tokens_per_second: float
+    load_peak_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,7 +128,12 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     kind = "cuda" if device.startswith("cuda") else "cpu"
     body = sum(terms.values())
     terms["runtime_overhead"] = RUNTIME_BYTES[kind] + int(FRAGMENTATION[kind] * body)
-    peak = sum(terms.values())
+    train_peak = sum(terms.values())
+    # Loading: on a CPU the safetensors file is memory-mapped while its tensors are copied out, so for a
+    # moment both count in RSS (QLoRA quantises from the full-precision copy, so the same holds).
+    full_weights = total * (4 if recipe.dtype == "float32" else 2)
+    load_peak = RUNTIME_BYTES[kind] + (2 * full_weights if kind == "cpu" else full_weights)
+    peak = max(train_peak, load_peak)
     head = shape.vocab * shape.hidden
     if recipe.method in ("lora", "qlora"):
         flops = 4.0 * (linear + head) + 6.0 * trainable
@@ -139,7 +145,7 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # MFU measured for LoRA and full fine-tuning on a 2-core CPU is ~0.5-0.6 (benchmarks/fit_vs_trainer.py);
     # 0.5 is assumed for a prediction on any device.
     tps = 0.5 * peak_flops / flops
-    return Prediction(terms, peak, tps)
+    return Prediction(terms, peak, tps, load_peak)
 
 
 # ---------------------------------------------------------------------------------------------- choice

@@ -142,8 +142,12 @@ def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, micro_batch: int, a
 
 # ---------------------------------------------------------------------------------------------- output dir
 
-def prepare_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    """Check (and with --overwrite clear) the output directory; never delete what is not a qtrain run."""
+def prepare_output_dir(output: Path, resume: bool, overwrite: bool, check_only: bool = False) -> None:
+    """Check (and with --overwrite clear) the output directory; never delete what is not a qtrain run.
+
+    Called twice: first ``check_only`` before anything is loaded, then for real once model and data loaded
+    fine, so a bad --data never costs the run that --overwrite would have replaced.
+    """
     if resume:
         if not output.is_dir():
             raise RunError(f"--resume: output directory {str(output)!r} does not exist; nothing to resume. "
@@ -160,8 +164,10 @@ def prepare_output_dir(output: Path, resume: bool, overwrite: bool) -> None:
         if not overwrite:
             raise RunError(f"--output {str(output)!r} already holds a run; pass --resume to continue it or "
                            "--overwrite to replace it")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+        if not check_only:
+            shutil.rmtree(output)
+    if not check_only:
+        output.mkdir(parents=True, exist_ok=True)
 
 
 def _move_into(tmp: Path, run_dir: Path) -> None:
@@ -260,9 +266,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(output)
-    if accelerator.is_main_process:
-        prepare_output_dir(run_dir, resume, overwrite)
-    accelerator.wait_for_everyone()
+    prepare_output_dir(run_dir, resume, overwrite, check_only=True)
     set_seed(recipe.seed)
 
     # ---- model source, tokenizer, data
@@ -284,6 +288,9 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         net.resize_token_embeddings(len(tokenizer))
         _print(accelerator, f"added FIM tokens {packed.new_token_ids} to the tokenizer and resized the embeddings")
     net = prepare_model(net, recipe, packed.new_token_ids)
+    if accelerator.is_main_process:
+        prepare_output_dir(run_dir, resume, overwrite)
+    accelerator.wait_for_everyone()
     trainable, total = count_parameters(net)
     frozen_mm, trainable_mm = matmul_flops(net)
     cfg = net.config

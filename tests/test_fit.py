@@ -157,3 +157,12 @@ def test_alpaca_run(tmp_path, tiny_model_dir):
     recipe = load_recipe(None, TINY + ["max_steps=2", "near_dup_threshold=1.0"])
     summary = fit(recipe, model=str(tiny_model_dir), data=str(data), output=tmp_path / "a")
     assert summary["data"]["format"] == "alpaca" and math.isfinite(summary["val_loss_after"])
+
+
+def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path, tiny_model_dir, code_dir, capsys):
+    _, out = run(tmp_path, tiny_model_dir, code_dir, steps=1)
+    before = sorted(p.name for p in out.iterdir())
+    argv = ["fit", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing"), "-o", str(out), "--overwrite",
+            *TINY, "max_steps=1"]
+    assert cli.main(argv) == 2
+    assert sorted(p.name for p in out.iterdir()) == before

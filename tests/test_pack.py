@@ -16,7 +16,7 @@ def test_packing_separates_documents_by_eos_and_wastes_nothing(tok):
     docs = [Document("def a():\n    return 1\n", "a"), Document("import os\nprint(os.sep)\n", "b")]
     ex = tokenize_documents(docs, tok)
     assert all(e.ids[-1] == tok.eos_token_id for e in ex)
-    stream = ex[0].ids + ex[1].ids
+    stream = ex[0].ids.tolist() + ex[1].ids.tolist()
     ids, labels, dropped = pack(ex, 8)
     assert ids.shape == (len(stream) // 8, 8)
     assert ids.flatten().tolist() == stream[: ids.numel()]
@@ -35,9 +35,9 @@ def test_alpaca_loss_only_on_the_response(tok):
     prompt = render_alpaca("Add two numbers.", "")
     ex = tokenize_documents([Document(prompt, "r", "def add(a, b):\n    return a + b\n")], tok)[0]
     n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
-    assert ex.labels[:n_prompt] == [IGNORE] * n_prompt
-    assert ex.labels[n_prompt:] == ex.ids[n_prompt:]
-    assert tok.decode(ex.ids[n_prompt:-1]) == "def add(a, b):\n    return a + b\n"
+    assert ex.labels[:n_prompt].tolist() == [IGNORE] * n_prompt
+    assert ex.labels[n_prompt:].tolist() == ex.ids[n_prompt:].tolist()
+    assert tok.decode(ex.ids[n_prompt:-1].tolist()) == "def add(a, b):\n    return a + b\n"
 
 
 @pytest.mark.parametrize("mode", ["psm", "spm"])
@@ -46,6 +46,7 @@ def test_fim_formats(tok, mode):
     assert len(added) == 3 and ensure_fim_tokens(tok) == []
     text = "def area(r):\n    return 3.14159 * r * r\n" * 4
     ex = tokenize_documents([Document(text, "a")], tok, fim_rate=1.0, fim_mode=mode, seed=3)[0]
+    ex.ids = ex.ids.tolist()
     pre_id, mid_id, suf_id = (tok.convert_tokens_to_ids(t) for t in FIM_TOKENS)
     assert ex.ids[0] == pre_id and ex.ids[-1] == tok.eos_token_id
     if mode == "spm":
@@ -64,8 +65,8 @@ def test_fim_rate_zero_leaves_text_alone_and_is_deterministic(tok):
     docs = [Document(f"value_{i} = {i} * 2\n" * 5, str(i)) for i in range(40)]
     a = tokenize_documents(docs, tok, fim_rate=0.5, seed=1)
     b = tokenize_documents(docs, tok, fim_rate=0.5, seed=1)
-    assert [e.ids for e in a] == [e.ids for e in b]
+    assert [e.ids.tolist() for e in a] == [e.ids.tolist() for e in b]
     n_fim = sum(e.ids[0] == tok.convert_tokens_to_ids(FIM_TOKENS[0]) for e in a)
     assert 8 <= n_fim <= 32
     plain = tokenize_documents(docs, tok, fim_rate=0.0)
-    assert all(FIM_TOKENS[0] not in tok.decode(e.ids) for e in plain)
+    assert all(FIM_TOKENS[0] not in tok.decode(e.ids.tolist()) for e in plain)

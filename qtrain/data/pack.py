@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qtrain.data.corpus import DataError, Document, content_bucket
@@ -45,13 +46,24 @@ def fim_split(text: str, rng: random.Random) -> tuple[str, str, str]:
 
 @dataclass
 class Example:
-    ids: list[int]
-    labels: list[int]
+    ids: np.ndarray  # int32: compact (a Python list of ints costs ~36 bytes per token)
+    labels: np.ndarray
 
 
 def tokenize_documents(docs: list[Document], tokenizer, *, fim_rate: float = 0.0, fim_mode: str = "mixed",
                        seed: int = 0) -> list[Example]:
-    """Token ids and labels per document, EOS appended; FIM applied at ``fim_rate``; Alpaca prompts masked."""
+    """Token ids and labels per document, EOS appended; FIM applied at ``fim_rate``; Alpaca prompts masked.
+
+    Documents are tokenized in batches and turned into int32 arrays at once, so the transient memory of
+    Python int lists stays bounded by one batch.
+    """
+    out: list[Example] = []
+    for start in range(0, len(docs), 256):
+        out += _tokenize_batch(docs[start:start + 256], tokenizer, fim_rate=fim_rate, fim_mode=fim_mode, seed=seed)
+    return out
+
+
+def _tokenize_batch(docs: list[Document], tokenizer, *, fim_rate: float, fim_mode: str, seed: int) -> list[Example]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token, which packing needs to separate documents; "
@@ -75,13 +87,14 @@ def tokenize_documents(docs: list[Document], tokenizer, *, fim_rate: float = 0.0
             pieces.append(d.text)
     enc = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
     out = []
+    arr = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
     for kind, i in plans:
         if kind == "plain":
-            ids = enc[i] + [eos]
-            out.append(Example(ids, list(ids)))
+            ids = arr(enc[i] + [eos])
+            out.append(Example(ids, ids))
         elif kind == "alpaca":
             prompt, response = enc[i], enc[i + 1] + [eos]
-            out.append(Example(prompt + response, [IGNORE] * len(prompt) + response))
+            out.append(Example(arr(prompt + response), arr([IGNORE] * len(prompt) + response)))
         else:
             pre, mid, suf = enc[i], enc[i + 1], enc[i + 2]
             p_id, m_id, s_id = fim_ids
@@ -89,7 +102,7 @@ def tokenize_documents(docs: list[Document], tokenizer, *, fim_rate: float = 0.0
                 ids = [p_id] + pre + [s_id] + suf + [m_id] + mid + [eos]
             else:  # spm, the variant of the FIM paper's appendix D / Code Llama
                 ids = [p_id, s_id] + suf + [m_id] + pre + mid + [eos]
-            out.append(Example(ids, list(ids)))
+            out.append(Example(arr(ids), arr(ids)))
     return out
 
 
@@ -99,12 +112,15 @@ def pack(examples: list[Example], seq_len: int, allow_short: bool = False) -> tu
     The tail that does not fill a whole sequence is dropped (and counted). With ``allow_short`` a stream
     shorter than ``seq_len`` becomes one shorter sequence instead of nothing (used for tiny validation sets).
     """
-    ids = [t for e in examples for t in e.ids]
-    labels = [t for e in examples for t in e.labels]
+    if not examples:
+        return torch.empty(0, seq_len, dtype=torch.long), torch.empty(0, seq_len, dtype=torch.long), 0
+    ids = np.concatenate([e.ids for e in examples])
+    labels = np.concatenate([e.labels for e in examples])
     n = len(ids) // seq_len
     if n == 0:
         if allow_short and len(ids) >= 2:
-            return torch.tensor([ids]), torch.tensor([labels]), 0
+            return torch.from_numpy(ids[None].astype(np.int64)), torch.from_numpy(labels[None].astype(np.int64)), 0
         return torch.empty(0, seq_len, dtype=torch.long), torch.empty(0, seq_len, dtype=torch.long), len(ids)
     cut = n * seq_len
-    return (torch.tensor(ids[:cut]).view(n, seq_len), torch.tensor(labels[:cut]).view(n, seq_len), len(ids) - cut)
+    as_long = lambda a: torch.from_numpy(a[:cut].astype(np.int64)).view(n, seq_len)  # noqa: E731
+    return as_long(ids), as_long(labels), len(ids) - cut

@@ -1,0 +1,135 @@
+"""Predicted vs measured peak memory of training runs on this CPU, one process per variant.
+
+For each variant (method x gradient checkpointing x sequence length x micro-batch) on the default model
+and on a tiny random-init model, a fresh process runs `qtrain.train.fit` for 2 optimizer steps (the peak
+is in step 2: activations + gradients + optimizer states) and records its peak RSS (ru_maxrss, the whole
+process, minus nothing). The prediction comes from `qtrain.plan.predict` on the config alone.
+Writes benchmarks/results/memory_calibration.{json,md}.
+
+    python benchmarks/memory_calibration.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def make_tiny_model(d: Path) -> Path:
+    """A 4-layer Llama (hidden 256) with the default model's tokenizer: real vocabulary, tiny body."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtrain.models import load_tokenizer, resolve_model_source
+
+    tok = load_tokenizer(resolve_model_source(None))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def worker(spec: dict, out: Path) -> None:
+    import psutil
+
+    import torch  # noqa: F401  (imports are part of the process baseline being measured)
+
+    rss_imports = psutil.Process().memory_info().rss
+    from qtrain.plan import model_shape, predict
+    from qtrain.recipe import load_recipe
+    from qtrain.train import fit
+
+    recipe = load_recipe(None, [f"method={spec['method']}", f"gradient_checkpointing={spec['gc']}",
+                                f"seq_len={spec['seq']}", f"micro_batch_size={spec['mb']}", "grad_accum_steps=1",
+                                "max_steps=2", "save_every=0", "warmup_steps=1", "val_max_sequences=2"])
+    pred = predict(model_shape(spec["model"]), recipe, "cpu")
+    with tempfile.TemporaryDirectory() as d:
+        s = fit(recipe, model=spec["model"], output=Path(d) / "run")
+    out.write_text(json.dumps({**spec, "measured_peak_bytes": s["peak_memory_bytes"], "rss_after_imports": rss_imports,
+                               "predicted_peak_bytes": pred.peak_bytes, "terms": pred.terms,
+                               "tokens_per_second": s["tokens_per_second"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--worker")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker), Path(args.out))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tiny = str(make_tiny_model(Path(d) / "tiny-llama"))
+        variants = []
+        for method, gc, (seq, mb) in itertools.product(("full", "lora", "qlora"), (False, True), ((256, 4), (512, 1))):
+            variants.append({"model": tiny, "label": "tiny-llama (4L, h256)", "method": method, "gc": gc, "seq": seq, "mb": mb})
+        if not args.quick:
+            for method, gc, (seq, mb) in itertools.product(("full", "lora", "qlora"), (False, True),
+                                                          ((256, 4), (512, 1))):
+                variants.append({"model": None, "label": "SmolLM2-135M", "method": method, "gc": gc, "seq": seq, "mb": mb})
+        for spec in variants:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                out = Path(f.name)
+            t = time.time()
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec), "--out", str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0 or not out.read_text():
+                rows.append({**spec, "error": proc.stderr[-1500:]})
+                print(f"{spec['label']} {spec['method']} gc={spec['gc']} seq={spec['seq']} mb={spec['mb']}: FAILED "
+                      f"{proc.stderr[-500:]}", file=sys.stderr)
+                continue
+            row = json.loads(out.read_text())
+            out.unlink()
+            row["error_pct"] = round(100 * (row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1), 1)
+            rows.append(row)
+            print(f"{spec['label']} {spec['method']} gc={spec['gc']} seq={spec['seq']} mb={spec['mb']}: predicted "
+                  f"{row['predicted_peak_bytes'] / 2**30:.3f} GiB, measured {row['measured_peak_bytes'] / 2**30:.3f} GiB "
+                  f"({row['error_pct']:+.1f}%) [{time.time() - t:.0f} s]", file=sys.stderr)
+    for r in rows:
+        if r.get("model") and "tiny" in r["label"]:
+            r["model"] = "tiny-llama"
+    from qtrain.io import atomic_write_json, atomic_write_text
+    from qtrain.measure import machine_info
+
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    ok = [r for r in rows if "error" not in r]
+    result = {"benchmark": "memory_calibration", "git": git, "machine": machine_info(), "rows": rows,
+              "within_10pct": sum(abs(r["error_pct"]) <= 10 for r in ok), "under_by_more_than_5pct":
+              sum(r["error_pct"] < -5 for r in ok), "variants": len(rows),
+              "command": "python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / "memory_calibration.json", result)
+    m = result["machine"]
+    lines = ["# Predicted vs measured peak memory (CPU, peak RSS of the whole process, 2 optimizer steps)", "",
+             f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}; git {git}. Reproduce: `{result['command']}`. "
+             f"{result['within_10pct']} of {len(ok)} variants within +-10%; {result['under_by_more_than_5pct']} "
+             "under-predicted by more than 5%.", "",
+             "| model | method | checkpointing | seq | micro-batch | predicted (GiB) | measured (GiB) | error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['method']} | {r['gc']} | {r['seq']} | {r['mb']} | failed | | |")
+        else:
+            lines.append(f"| {r['label']} | {r['method']} | {'on' if r['gc'] else 'off'} | {r['seq']} | {r['mb']} | "
+                         f"{r['predicted_peak_bytes'] / 2**30:.3f} | {r['measured_peak_bytes'] / 2**30:.3f} | "
+                         f"{r['error_pct']:+.1f}% |")
+    atomic_write_text(RESULTS / "memory_calibration.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

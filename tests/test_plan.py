@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qtrain.plan import (NF4_BYTES_PER_PARAM, BudgetError, layer_activation_bytes, parse_bytes, plan_recipe, predict)
+from qtrain.recipe import Recipe
+from qtrain.shapes import known_models, lookup_known, shape_from_config
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GB") == 8 * 2**30 == parse_bytes("8 GiB") == parse_bytes("8g")
+    assert parse_bytes("512MB") == 512 * 2**20
+    assert parse_bytes("7.5GB") == int(7.5 * 2**30)
+    for bad in ("eight", "-1GB", "0GB", "8 parsecs"):
+        with pytest.raises(BudgetError, match="budget"):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("name", sorted(known_models()))
+def test_every_shipped_config_reads(name):
+    s = shape_from_config(lookup_known(name), name)
+    assert s.total_params() > 1e8 and s.n_layers > 0
+
+
+def test_parameter_counts_match_published_sizes():
+    published = {"codellama/CodeLlama-7b-hf": 6.74e9, "mistralai/Mistral-7B-v0.1": 7.24e9, "tiiuae/falcon-7b": 6.92e9,
+                 "bigcode/starcoderbase": 15.5e9, "HuggingFaceTB/SmolLM2-135M": 134.5e6,
+                 "meta-llama/Llama-3.1-8B": 8.03e9, "Qwen/Qwen2.5-Coder-1.5B": 1.54e9}
+    for name, n in published.items():
+        assert shape_from_config(lookup_known(name), name).total_params() == pytest.approx(n, rel=0.01)
+
+
+def test_7b_terms_against_hand_computed_values():
+    s = shape_from_config(lookup_known("codellama/CodeLlama-7b-hf"), "cl7")
+    r = Recipe(method="qlora", dtype="bfloat16", seq_len=2048, micro_batch_size=2, grad_accum_steps=1, lora_r=8,
+               lora_dropout=0.0, gradient_checkpointing=True, target_modules="all-linear")
+    p = predict(s, r, "cuda")
+    h, i, L, V = 4096, 11008, 32, 32016
+    linear = L * (4 * h * h + 3 * h * i)
+    assert p.terms["weights"] == int(linear * NF4_BYTES_PER_PARAM + (2 * V * h + L * 2 * h + h) * 2)
+    lora = L * 8 * (4 * (h + h) + 2 * (h + i) + (i + h))
+    assert p.terms["lora_parameters"] == lora * 4 and p.terms["optimizer_states"] == lora * 8
+    tokens = 2 * 2048
+    one_layer = tokens * (2 * (8 * h + 2 * h + 4 * i + 32 + 2) - 2 * h * 2 + 7 * 8 * 2)
+    assert p.terms["activations"] == L * tokens * h * 2 + one_layer
+    assert p.terms["logits_and_loss"] == 256 * V * 4 * 2 + tokens * h * 4 * 2
+
+
+def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64):
+    """Census: bytes autograd saves for one Llama layer (2-layer minus 1-layer model, parameters excluded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtrain.methods import prepare_model
+
+    def census(layers):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=300, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv, attn_implementation="sdpa")
+        m = prepare_model(LlamaForCausalLM(cfg), Recipe(method=method, lora_r=8, lora_dropout=dropout))
+        m.train()
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            base.model(input_ids=torch.randint(0, 300, (1, seq)))
+        return sum(seen.values())
+
+    return census(2) - census(1)
+
+
+@pytest.mark.parametrize("h,i,heads,kv", [(96, 160, 6, 2), (128, 352, 4, 4), (80, 200, 5, 1)])
+@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1)])
+def test_activation_formula_matches_a_census_of_saved_tensors(h, i, heads, kv, method, dropout):
+    s = shape_from_config({"model_type": "llama", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": 1,
+                           "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": 300})
+    r = Recipe(method=method, lora_r=8, lora_dropout=dropout, seq_len=64)
+    assert layer_activation_bytes(s, r, 64) == _saved_bytes_per_layer(h, i, heads, kv, method, dropout)
+
+
+def test_plan_prefers_quality_then_sequence_and_explains_what_does_not_fit():
+    s = shape_from_config(lookup_known("codellama/CodeLlama-7b-hf"), "CodeLlama-7b")
+    base = Recipe(seq_len=1024, micro_batch_size=1, grad_accum_steps=8)
+    big = plan_recipe(s, parse_bytes("200GB"), "cuda", base)
+    assert big.chosen.recipe.method == "full" and big.chosen.recipe.seq_len == 1024
+    mid = plan_recipe(s, parse_bytes("24GB"), "cuda", base)
+    assert mid.chosen.recipe.method == "lora"
+    small = plan_recipe(s, parse_bytes("8GB"), "cuda", base)
+    assert small.chosen.recipe.method == "qlora"
+    assert all(c.prediction.peak_bytes <= small.usable_bytes for c in small.candidates)
+    with pytest.raises(BudgetError, match=r"budget 2.00 GiB is below the smallest recipe .* try --budget \d"):
+        plan_recipe(s, parse_bytes("2GB"), "cuda", base)
+
+
+def test_plan_cli_json_offline():
+    proc = subprocess.run([sys.executable, "-m", "qtrain", "plan", "--model", "codellama/CodeLlama-7b-hf", "--budget",
+                           "8GB", "--device", "cuda", "--json"], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["chosen"]["method"] == "qlora" and out["chosen"]["predicted_peak_bytes"] < 8 * 2**30
+    assert len(out["candidates"]) > 1
