@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qtrain.io import atomic_write_json, atomic_write_text, make_tmp_dir, replace_dir
+from qtrain.errors import QtrainError
 
 FORMAT = 1
 # Recipe keys that change the shapes of what is saved or the data order; resuming with any other value
@@ -32,7 +33,7 @@ RESUME_KEYS = ("method", "seq_len", "micro_batch_size", "grad_accum_steps", "lor
                "gradient_checkpointing", "dtype")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QtrainError, RuntimeError):
     """A checkpoint is missing, corrupt or does not fit this run; the message says what to do."""
 
 

@@ -18,9 +18,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from qtrain.io import atomic_write_json, make_tmp_dir, replace_dir
+from qtrain.errors import QtrainError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ MANIFEST = "qtrain_cache.json"
 CACHE_FORMAT = 1
 
 
-class ModelError(RuntimeError):
+class ModelError(QtrainError, RuntimeError):
     """The model could not be found or loaded; the message says what to do."""
 
 
@@ -144,7 +144,7 @@ def convert_gguf(gguf_path: Path, entry: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+                                                     dtype="float32")
         _fix_gguf_tokenizer(tokenizer, model.config)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
@@ -200,10 +200,12 @@ def load_tokenizer(source: ModelSource):
     return tok
 
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32, **kwargs):
-    """The causal LM at ``source`` (hub id, local dir, GGUF or default), in ``dtype``."""
+def load_model(source: ModelSource, dtype=None, **kwargs):
+    """The causal LM at ``source`` (hub id, local dir, GGUF or default), in ``dtype`` (default fp32)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     ref = model_dir_for(source)
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, ref, source, dtype=dtype, **kwargs)
 

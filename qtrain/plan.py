@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from qtrain.recipe import Recipe
 from qtrain.shapes import ModelShape
+from qtrain.errors import QtrainError
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,7 +32,7 @@ RUNTIME_BYTES = {"cpu": 700 * 2**20, "cuda": 500 * 2**20}
 FRAGMENTATION = {"cpu": 0.05, "cuda": 0.10}
 
 
-class BudgetError(ValueError):
+class BudgetError(QtrainError, ValueError):
     """Nothing fits, or the budget is malformed; the message names the smallest budget that would fit."""
 
 
@@ -131,8 +132,9 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     train_peak = sum(terms.values())
     # Loading: on a CPU the safetensors file is memory-mapped while its tensors are copied out, so for a
     # moment both count in RSS (QLoRA quantises from the full-precision copy, so the same holds).
+    # On a GPU weights arrive shard by shard (quantised on the fly for QLoRA): no more than they end up as.
     full_weights = total * (4 if recipe.dtype == "float32" else 2)
-    load_peak = RUNTIME_BYTES[kind] + (2 * full_weights if kind == "cpu" else full_weights)
+    load_peak = RUNTIME_BYTES[kind] + (2 * full_weights if kind == "cpu" else terms["weights"])
     peak = max(train_peak, load_peak)
     head = shape.vocab * shape.hidden
     if recipe.method in ("lora", "qlora"):

@@ -17,6 +17,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from qtrain.errors import QtrainError
+
 Method = Literal["full", "lora", "qlora", "bitnet"]
 DataFormat = Literal["auto", "code", "text", "alpaca"]
 FimMode = Literal["psm", "spm", "mixed"]
@@ -32,7 +34,7 @@ TARGET_PRESETS = ("attention", "mlp", "language", "attention+mlp", "all-linear",
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class RecipeError(ValueError):
+class RecipeError(QtrainError, ValueError):
     """A recipe value is wrong; the message names the key and the way out."""
 
 

@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from qtrain.errors import QtrainError
 
 KNOWN = Path(__file__).resolve().parent / "model_configs" / "known_models.json"
 
 
-class ShapeError(ValueError):
+class ShapeError(QtrainError, ValueError):
     """A config qtrain cannot read; the message names what is missing."""
 
 

@@ -32,12 +32,13 @@ from qtrain.measure import (lr_at, machine_info, matmul_flops, mfu, peak_flops, 
 from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.recipe import Recipe, save_recipe
+from qtrain.errors import QtrainError
 
 log = logging.getLogger(__name__)
 RUN_MARKER = "run.json"
 
 
-class RunError(RuntimeError):
+class RunError(QtrainError, RuntimeError):
     """The run cannot start (output directory, resume state); the message says what to do."""
 
 

@@ -44,3 +44,25 @@ def test_full_recipe_bad_data_on_the_default_model(tmp_path):
                   str(tmp_path / "r"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("qtrain fit: error: --data")
+
+
+def test_fit_with_a_budget_and_a_time_limit_on_the_default_model(tmp_path):
+    out = tmp_path / "budget"
+    proc = qtrain("fit", "--budget", "8GB", "--time", "100s", "seq_len=128", "val_max_sequences=2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chosen: #1" in proc.stderr and "predicted peak memory, by term" in proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["predicted_peak_bytes"] > 0 and s["peak_memory_bytes"] > 0 and s["steps"] >= 1
+    assert s["method"] == "full"  # the best-quality method that fits 8 GB for a 135M model
+    assert s["time_limit_seconds"] == 100.0
+    # stopped by the time limit (or finished the planned steps), and said so; well within the limit's reach
+    assert s["wall_seconds"] < 100 + 60
+    assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_fit_budget_too_small_names_the_smallest_budget(tmp_path):
+    proc = qtrain("fit", "--budget", "300MB", "-o", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "is below the smallest recipe" in last and "try --budget" in last
+    assert not (tmp_path / "r").exists()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pathspec
+from qtrain.errors import QtrainError
 
 DEFAULT_EXTENSIONS = (
     ".py", ".pyi", ".js", ".mjs", ".jsx", ".ts", ".tsx", ".java", ".kt", ".scala", ".c", ".h", ".cc", ".cpp",
@@ -40,7 +41,7 @@ ALPACA_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(QtrainError, ValueError):
     """The data could not be read; the message names the value and what to do."""
 
 
