@@ -101,12 +101,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from qtrain.plan import model_shape, predict
 
     resolve_model_source(args.model)  # a missing model is one clear error, before anything else
+    from qtrain.models import ModelError
+    from qtrain.shapes import ShapeError
+
     try:
         shape = model_shape(args.model)
         device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
         extra["predicted_peak_bytes"] = predict(shape, recipe, device).peak_bytes
-    except Exception as exc:  # a prediction is a bonus; an unplannable architecture still trains
+    except ShapeError as exc:  # a prediction is a bonus; an architecture the planner cannot read still trains
         print(f"qtrain fit: note: no memory prediction for this model ({exc})", file=sys.stderr)
+    except ModelError:
+        pass  # loading the model below reports this, once
     fit(recipe, model=args.model, data=args.data, output=output, resume=args.resume, overwrite=args.overwrite,
         skip_bad_lines=args.skip_bad_lines, extra_summary=extra, time_limit_s=time_limit)
     return 0
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         # bitsandbytes warns at import that an optional CPU kernel package is missing; not actionable here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from qtrain.errors import QtrainError
 
     try:

@@ -178,16 +178,40 @@ def model_dir_for(source: ModelSource) -> str:
     return source.ref
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host resolves and accepts a connection (HF_HUB_OFFLINE=1 means no).
+
+    Without this check an offline machine waits through huggingface_hub's retries (over a minute here)
+    before it can say that a hub id is unavailable.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _from_pretrained(fn, ref: str, source: ModelSource, **kwargs):
+    if source.kind == "hub" and not hub_reachable():
+        kwargs["local_files_only"] = True  # offline: the local HF cache only, and a prompt error otherwise
     try:
         return fn(ref, **kwargs)
     except OSError as exc:
+        first_line = str(exc).splitlines()[0].rstrip(".")
         if source.kind == "hub":
             raise ModelError(
                 f"model {ref!r} is not a local path and could not be loaded from the Hugging Face hub "
-                f"(no network, or no such repository): {str(exc).splitlines()[0]}. Give a local model directory "
+                f"(no network, or no such repository): {first_line}. Give a local model directory "
                 "or a .gguf file, or omit --model to use the embedded default") from None
-        raise ModelError(f"could not load model from {ref!r}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"could not load model from {ref!r}: {first_line}") from None
 
 
 def load_tokenizer(source: ModelSource):

@@ -290,7 +290,9 @@ def model_shape(model: str | None) -> ModelShape:
     try:
         from transformers import AutoConfig
 
-        return shape_from_config(AutoConfig.from_pretrained(model).to_dict(), model)
+        from qtrain.models import hub_reachable
+
+        return shape_from_config(AutoConfig.from_pretrained(model, local_files_only=not hub_reachable()).to_dict(), model)
     except OSError:
         from qtrain.shapes import known_models
 
