@@ -166,3 +166,39 @@ def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path, tiny_model_dir, cod
             *TINY, "max_steps=1"]
     assert cli.main(argv) == 2
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_qlora_trains_on_cpu_with_nf4_base(tmp_path, tiny_model_dir, code_dir):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    # bitsandbytes' 4-bit kernels need rows of at least 64 values; the 32-wide tiny model is too narrow
+    wide = tmp_path / "wide"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(wide)
+    tok.save_pretrained(wide)
+    tiny_model_dir = wide
+    summary, out = run(tmp_path, tiny_model_dir, code_dir, method="qlora", steps=2)
+    assert summary["method"] == "qlora" and math.isfinite(summary["val_loss_after"])
+    assert summary["trainable_params"] < summary["total_params"] / 2
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    from qtrain.methods import quantization_config
+    from qtrain.recipe import Recipe
+
+    q = quantization_config(Recipe(method="qlora"), "cpu")
+    assert q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant and q.bnb_4bit_compute_dtype == torch.float32
+    assert quantization_config(Recipe(method="qlora"), "cuda").bnb_4bit_compute_dtype == torch.bfloat16
+    assert bnb is not None
+
+
+def test_paged_optimizer_needs_cuda(tmp_path, tiny_model_dir, code_dir):
+    from qtrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="paged_adamw_8bit.*CUDA"):
+        run(tmp_path, tiny_model_dir, code_dir, "optimizer=paged_adamw_8bit", steps=1)
