@@ -92,7 +92,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         plan = _plan_from_args(args, recipe)
         print(render_plan(plan, limit=5), file=sys.stderr)
-        recipe = plan.chosen.recipe.replace(name=f"{recipe.name}-{plan.chosen.recipe.method}")
+        prefix = recipe.name if args.recipe else f"budget-{args.budget.replace(' ', '')}"
+        recipe = plan.chosen.recipe.replace(name=f"{prefix}-{plan.chosen.recipe.method}")
         extra = {"budget_bytes": plan.budget_bytes, "plan_reason": plan.reason}
     if args.resume and not args.output:
         raise RecipeError("--resume needs --output/-o naming the run directory to continue")
