@@ -23,6 +23,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # and one fp32 scale per 256 absmax values (Dettmers et al. 2023, QLoRA sec. 3).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 FUSED_CE_CHUNK_ROWS = 256
+# MFU assumed when throughput must be predicted before measuring: LoRA and full fine-tuning measured
+# 0.47-0.68 on a 2-core CPU (benchmarks/results/fit_vs_trainer.md); the planner and fit --time use it.
+ASSUMED_MFU = 0.5
 
 # Runtime overhead, calibrated per device kind. CPU: RSS of a Python process that has imported torch,
 # transformers, peft and accelerate and built the model objects, minus the weights (measured on this
@@ -144,9 +147,7 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     flops += 12.0 * shape.n_layers * shape.hidden * recipe.seq_len
     if recipe.gradient_checkpointing:
         flops += 2.0 * linear + 4.0 * shape.n_layers * shape.hidden * recipe.seq_len  # the recomputed forward
-    # MFU measured for LoRA and full fine-tuning on a 2-core CPU is ~0.5-0.6 (benchmarks/fit_vs_trainer.py);
-    # 0.5 is assumed for a prediction on any device.
-    tps = 0.5 * peak_flops / flops
+    tps = ASSUMED_MFU * peak_flops / flops
     return Prediction(terms, peak, tps, load_peak)
 
 

@@ -31,6 +31,7 @@ from qtrain.measure import (bound_heap_retention, lr_at, machine_info, matmul_fl
                             peak_memory_bytes, tokens_per_second, train_flops_per_token)
 from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
+from qtrain.plan import ASSUMED_MFU
 from qtrain.recipe import Recipe, save_recipe
 from qtrain.errors import QtrainError
 
@@ -350,11 +351,11 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     val_seconds = time.perf_counter() - t_val
     _print(accelerator, f"validation loss before: {val_before:.4f} (perplexity {math.exp(val_before):.2f}) on "
                         f"{int(packed.val_ids.numel()):,} tokens")
-    tokens_per_step_all = recipe.effective_batch_size * world * recipe.seq_len
+    tokens_per_step = recipe.effective_batch_size * world * recipe.seq_len
     if time_limit_s is not None and not resume:
-        predicted_tps = 0.5 * ceiling * world / flops_tok  # MFU ~0.5 measured on CPU (benchmarks/)
+        predicted_tps = ASSUMED_MFU * ceiling * world / flops_tok
         left = time_limit_s - (time.perf_counter() - t_start) - 2 * val_seconds - 10
-        horizon["steps"] = max(1, min(recipe.max_steps, int(left * predicted_tps / tokens_per_step_all)))
+        horizon["steps"] = max(1, min(recipe.max_steps, int(left * predicted_tps / tokens_per_step)))
         _print(accelerator, f"time limit {time_limit_s:.0f} s: planned {horizon['steps']} steps from the predicted "
                             f"{predicted_tps:.0f} tokens/s (refined after 2 steps)")
 
@@ -365,7 +366,6 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     progress = Progress(horizon["steps"], step, accelerator.is_main_process)
     perms: dict[int, torch.Tensor] = {}
     n_seq = len(packed.train_ids)
-    tokens_per_step = recipe.effective_batch_size * world * recipe.seq_len
     interrupted = False
     stopped_for_time = False
     final_eval_s = 0.0
