@@ -43,15 +43,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             y = targets[s:s + chunk_rows]
             valid = y != IGNORE
             logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(len(y), device=y.device)
             y0 = y.clamp_min(0)
-            total += ((lse - logits[rows, y0]) * valid).sum()
+            target_logit = logits[rows, y0]
+            # log-sum-exp by hand, in place: one exp pass over the chunk serves both the loss and the
+            # softmax of the gradient (torch.logsumexp allocates and exponentiates a second copy)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(dim=-1, keepdim=True)
+            lse = (top + norm.log()).squeeze(-1)
+            total += ((lse - target_logit) * valid).sum()
             if need_h or need_w:
-                # d(sum loss)/d(logits) = softmax - onehot, zero on ignored rows; reuse the logits buffer
-                grad = logits.sub_(lse[:, None]).exp_()
+                # d(sum loss)/d(logits) = softmax - onehot, zero on ignored rows
+                grad = probs.div_(norm)
                 grad[rows, y0] -= 1.0
-                grad.mul_(valid[:, None].to(grad.dtype))
+                if not bool(valid.all()):
+                    grad[~valid] = 0.0
                 grad = grad.to(hidden.dtype)
                 if need_h:
                     grad_h[s:s + chunk_rows] = grad @ weight

@@ -145,23 +145,54 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-class FastDropout(nn.Module):
-    """Inverted dropout drawing its mask with ``torch.rand`` instead of ``bernoulli_``.
+def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A boolean keep-mask shaped like ``x`` and the matching inverse-keep scale.
 
-    Same distribution as ``nn.Dropout`` (each element kept with probability 1 - p, scaled by 1 / (1 - p)).
-    On CPU, ``bernoulli_`` is about twice as slow as ``rand``, and peft's LoRA dropout calls it for every
-    adapted layer's input: measured here at ~13% of a LoRA step's time for SmolLM2-135M (torch profiler).
+    Draws 64 random bits per 4 elements and compares 16-bit words against a threshold, so the drop
+    probability is ``p`` rounded to a multiple of 1/65536 (0.05 -> 0.049988); the scale uses that rounded
+    value, so the layer stays unbiased. ``torch.rand_like`` draws one float per element and is ~3x slower.
+    """
+    n = x.numel()
+    k = round(p * 65536)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2 ** 63), None)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= (k - 32768)
+    return keep, 1.0 / (1.0 - k / 65536)
+
+
+class _Dropout(torch.autograd.Function):
+    # One multiply forward and one backward, by the same saved (mask x scale) tensor.
+    @staticmethod
+    def forward(ctx, x, p):
+        keep, scale = _keep_mask(x, p)
+        m = keep.to(x.dtype).mul_(scale)
+        ctx.save_for_backward(m)
+        return x * m
+
+    @staticmethod
+    def backward(ctx, grad):
+        (m,) = ctx.saved_tensors
+        return grad * m, None
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout with a cheaper mask than ``nn.Dropout`` (see :func:`_keep_mask`).
+
+    Each element is kept with probability 1 - p (p rounded to 1/65536) and scaled by 1 / (1 - p).
+    peft's LoRA dropout runs on every adapted layer's input; with ``nn.Dropout`` (``bernoulli_``) it took
+    ~13% of a LoRA step for SmolLM2-135M on this CPU (torch profiler), ~1.6 ms per 512x576 input forward
+    + backward; this takes ~0.6 ms.
     """
 
     def __init__(self, p: float):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or round(self.p * 65536) == 0:
             return x
-        keep = torch.rand_like(x) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        return _Dropout.apply(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -53,6 +53,24 @@ def test_fast_dropout_has_dropout_statistics_and_is_identity_in_eval():
     assert torch.equal(d(x), x)
 
 
+def test_fast_dropout_mask_is_uniform_over_positions_and_gradient_uses_the_same_mask():
+    from qtrain.methods import FastDropout
+
+    torch.manual_seed(1)
+    d = FastDropout(0.1)
+    x = torch.ones(4001, 7, requires_grad=True)  # numel not a multiple of 4
+    y = d(x)
+    kept = (y != 0).float().reshape(-1)
+    # each of the four 16-bit words of a 64-bit draw must be an unbiased coin (the top one included)
+    for j in range(4):
+        assert abs(kept[j::4].mean().item() - 0.9) < 0.01
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(sum)/dx = mask * scale = y for x of ones
+    assert FastDropout(0.5)(torch.ones(3, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="1.5"):
+        FastDropout(1.5)
+
+
 def test_lora_dropout_is_swapped_and_training_matches_logits_path(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
