@@ -135,18 +135,23 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
 
 
 def bound_heap_retention(threshold_bytes: int | None = None) -> bool:
-    """Serve allocations of >= 1 MiB with mmap, so freed activations go back to the OS at once.
+    """Opt-in: serve allocations >= ``threshold_bytes`` with mmap, so freed activations leave RSS at once.
 
-    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees; from then on the
-    many 1-30 MiB tensors of a LoRA step come from the heap, and freed heap memory stays in RSS. Measured
-    on the default model, LoRA seq 256 x 4: peak RSS 4.79 GiB by default, 3.06 GiB with a fixed 1 MiB
-    threshold (the live-memory prediction is 3.09 GiB), tokens/s unchanged within noise. Linux/glibc only;
-    ``QTRAIN_MALLOC_MMAP_THRESHOLD=0`` turns it off. Returns whether it was applied.
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees; from then on the 1-30 MiB
+    tensors of a LoRA step come from the heap, and freed heap memory stays in RSS. A fixed 1 MiB threshold
+    makes peak RSS follow live memory, but every large tensor then costs fresh, zeroed pages: measured on the
+    default model (LoRA, fwd+bwd, torch profiler-free timing, this 2-core CPU) 197 -> 150-157 tokens/s at
+    1x512 and 224 -> 134 tokens/s at 4x256, for peak RSS 2.88 -> 2.32 GiB and 4.57 -> 3.37 GiB. Speed wins by
+    default; the planner models the retention instead (``plan.ALLOCATOR_RETENTION``). Set
+    ``QTRAIN_MALLOC_MMAP_THRESHOLD=1048576`` to trade the speed for the memory. Linux/glibc only.
+    Returns whether a threshold was applied.
     """
     import ctypes
     import ctypes.util
 
-    value = int(os.environ.get("QTRAIN_MALLOC_MMAP_THRESHOLD", threshold_bytes or 1 << 20))
+    from qtrain.plan import heap_bound_requested
+
+    value = threshold_bytes or heap_bound_requested()
     if value <= 0 or platform.system() != "Linux":
         return False
     try:
