@@ -14,8 +14,21 @@ from torch import nn
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far.
+
+    Linux: ``VmHWM`` of /proc/self/status. Not ``ru_maxrss``: that survives fork + exec, so a subprocess started
+    by a large parent reports the parent's peak (seen here: every runtime of the export benchmark "peaked" at
+    the driver's 3.4 GiB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if platform.system() == "Darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -167,3 +167,31 @@ def test_default_tokenizer_is_recognised_by_llama_cpp_rules():
 
     name, digest = pre_tokenizer_name(load_tokenizer(resolve_model_source(None)))
     assert name == "smollm", digest
+
+
+def test_lean_decoders_match_generate(exported, lora_run):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from qtrain.infer import OnnxDecoder, load_for_inference, torch_decode
+
+    out, _ = exported
+    prompt = [5, 17, 42, 99, 7]
+    ids = torch.tensor([prompt])
+    ort_model = ORTModelForCausalLM.from_pretrained(out / "int8")
+    want = ort_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                              do_sample=False)[0, len(prompt):].tolist()
+    assert list(OnnxDecoder(out / "int8").generate(prompt, 12)) == want
+    model = load_for_inference(str(lora_run)).model
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                          do_sample=False)[0, len(prompt):].tolist()
+    assert list(torch_decode(model, prompt, 12)) == want
+
+
+def test_speed_report_has_every_figure(exported):
+    from qtrain.export.speed import measure
+
+    out, _ = exported
+    s = measure(out / "int4", threads=1, repeats=1)
+    assert s["kind"] == "onnx" and s["bytes"] > 0 and s["peak_rss_bytes"] > 0
+    for key in ("load_seconds", "prefill_512_ms", "decode_tokens_per_second", "decode_tokens_per_second_generate"):
+        assert s[key] > 0, key
