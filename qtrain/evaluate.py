@@ -178,10 +178,24 @@ def bleu(hyps: list[str], refs: list[str]) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ generation
 
+def _closed_fence_criteria(tok, prompt_len: int):
+    """Stop a chat answer once its first fenced code block is closed: only that block is used."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class ClosedFence(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            return torch.tensor([t.count("```") >= 2 for t in texts], dtype=torch.bool, device=input_ids.device)
+
+    return ClosedFence()
+
+
 def generate_batch(loaded, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
-                   stops: list[str], seed: int) -> tuple[list[str], list[int], float]:
+                   stops: list[str], seed: int, chat: bool = False) -> tuple[list[str], list[int], float]:
     """Batched generation with left padding; returns (texts, new-token counts, seconds)."""
     import torch
+    from transformers import StoppingCriteriaList
 
     tok = loaded.tokenizer
     side = tok.padding_side
@@ -193,6 +207,8 @@ def generate_batch(loaded, texts: list[str], max_new_tokens: int, temperature: f
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
     if stops:
         kwargs.update(stop_strings=stops, tokenizer=tok)
+    if chat:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_closed_fence_criteria(tok, enc["input_ids"].shape[1])])
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
@@ -384,7 +400,7 @@ def _generate_all(loaded, problems: list[Problem], opts: EvalOptions, chat: bool
             idx = order[b:b + opts.batch_size]
             batch_texts = [texts[jobs[j][0].task_id] for j in idx]
             outs, counts, secs = generate_batch(loaded, batch_texts, opts.max_new_tokens, opts.temperature,
-                                                opts.top_p, stops, opts.seed + b)
+                                                opts.top_p, stops, opts.seed + b, chat=chat)
             for j, text, n in zip(idx, outs, counts):
                 p, i = jobs[j]
                 completion = truncate_at_stops(text, stops) if stops else text

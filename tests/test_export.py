@@ -59,7 +59,10 @@ def test_onnx_export_layout_and_parity(exported, code_dir):
         assert 0.0 <= p["next_token_agreement"] <= 1.0 and p["perplexity"] > 0
     # 8-bit weights stay closer to fp32 than 4-bit ones
     assert on_disk["formats"]["int8"]["parity"]["mean_abs_logit_diff"] < on_disk["formats"]["int4"]["parity"]["mean_abs_logit_diff"]
-    assert on_disk["formats"]["int4"]["bytes"] < on_disk["formats"]["fp32"]["bytes"]
+    assert on_disk["formats"]["int4"]["bytes"] < on_disk["formats"]["int8"]["bytes"] < on_disk["formats"]["fp32"]["bytes"]
+    # the defaults that decode fast on a CPU: int8 activations per block, the (untied) LM head quantized
+    assert on_disk["formats"]["int8"]["accuracy_level"] == 4 and on_disk["formats"]["int4"]["lm_head_bits"] == 8
+    assert on_disk["formats"]["int8"]["lm_head_quantized"] and on_disk["source"]["lm_head_untied_for_export"]
     # every level loads with the usual class and carries the tokenizer
     for d in (out, out / "int8", out / "int4"):
         m = ORTModelForCausalLM.from_pretrained(d)
