@@ -109,3 +109,23 @@ def test_plan_cli_json_offline():
     out = json.loads(proc.stdout)
     assert out["chosen"]["method"] == "qlora" and out["chosen"]["predicted_peak_bytes"] < 8 * 2**30
     assert len(out["candidates"]) > 1
+
+
+@pytest.mark.parametrize("recipe_file,model,device,budget_gib", [
+    ("cpu-qlora.yaml", None, "cpu", 8),
+    ("cpu-lora.yaml", None, "cpu", 8),
+    ("cpu-full.yaml", None, "cpu", 8),
+    ("gpu-8gb-qlora.yaml", "codellama/CodeLlama-7b-hf", "cuda", 8),
+    ("gpu-8gb-qlora.yaml", "meta-llama/Llama-3.1-8B", "cuda", 8),
+    ("gpu-16gb-lora.yaml", "meta-llama/Llama-3.2-3B", "cuda", 16),
+    ("gpu-24gb-full.yaml", "meta-llama/Llama-3.2-3B", "cuda", 24),
+])
+def test_named_budget_recipes_fit_their_budget(recipe_file, model, device, budget_gib):
+    from pathlib import Path
+
+    from qtrain.plan import model_shape, predict
+    from qtrain.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / recipe_file)
+    peak = predict(model_shape(model), recipe, device).peak_bytes
+    assert peak <= budget_gib * 2**30, f"{recipe_file} with {model}: {peak / 2**30:.2f} GiB > {budget_gib} GiB"
