@@ -20,17 +20,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 # (label, source, published GiB, model, recipe overrides)
 ANCHORS = [
     ("torchtune Llama-3.1-8B QLoRA, 1x RTX 4090, batch 2, seq 2048, checkpointing",
-     "torchtune README (memory table), peak reserved", 7.4, "meta-llama/Llama-3.1-8B",
+     "torchtune README (as quoted in DESIGN.md)", 7.4, "meta-llama/Llama-3.1-8B",
      ["method=qlora", "dtype=bfloat16", "seq_len=2048", "micro_batch_size=2", "gradient_checkpointing=true",
       "lora_r=8", "lora_alpha=16", "target_modules=all-linear"]),
     ("torchtune Llama-3.1-8B LoRA, 1x RTX 4090, batch 2, seq 2048, checkpointing",
-     "torchtune README (memory table), peak reserved", 16.2, "meta-llama/Llama-3.1-8B",
+     "torchtune README (as quoted in DESIGN.md)", 16.2, "meta-llama/Llama-3.1-8B",
      ["method=lora", "dtype=bfloat16", "seq_len=2048", "micro_batch_size=2", "gradient_checkpointing=true",
       "lora_r=8", "lora_alpha=16", "target_modules=all-linear"]),
-    ("LLaMA-Factory 7B QLoRA-4 (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table", 6.0,
+    ("LLaMA-Factory 7B QLoRA-4 (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table (as quoted in DESIGN.md)", 6.0,
      "codellama/CodeLlama-7b-hf", ["method=qlora", "dtype=bfloat16", "seq_len=512", "micro_batch_size=1",
                                    "gradient_checkpointing=true"]),
-    ("LLaMA-Factory 7B LoRA (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table", 16.0,
+    ("LLaMA-Factory 7B LoRA (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table (as quoted in DESIGN.md)", 16.0,
      "codellama/CodeLlama-7b-hf", ["method=lora", "dtype=bfloat16", "seq_len=512", "micro_batch_size=1",
                                    "gradient_checkpointing=true"]),
 ]
@@ -62,9 +62,9 @@ def main() -> None:
              "| setting | source | published (GiB) | qtrain predicts (GiB) | ratio |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['source']} | {r['published_gib']} | {r['predicted_gib']} | {r['ratio']:.2f} |")
-    lines += ["", "qtrain over-predicts torchtune's figures by the ratios shown: its CUDA terms (500 MiB context, 10% "
+    lines += ["", "Ratios above 1: qtrain predicts more than was published. Its CUDA terms (500 MiB context, 10% "
               "fragmentation, fp32 LoRA gradients and optimizer states, the loading peak) are formulas not yet "
-              "calibrated on a GPU. A planner that errs high picks a smaller recipe than needed; it does not OOM."]
+              "calibrated on a GPU. Erring high costs speed (a smaller recipe than needed), erring low costs an OOM."]
     atomic_write_text(RESULTS / "plan_anchors.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -280,7 +280,7 @@ def _add_eval_args(p, with_task: bool = True) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--k", default="1", help="pass@k values, comma-separated (each <= --n-samples)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left padding)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (left padding)")
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")

@@ -246,7 +246,7 @@ class EvalOptions:
     top_p: float = 0.95
     ks: tuple[int, ...] = (1,)
     limit: int | None = None
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: int = 384
     chat: bool | None = None
     workers: int | None = None
