@@ -393,8 +393,11 @@ def _generate_all(loaded, problems: list[Problem], opts: EvalOptions, chat: bool
     order = sorted(range(len(jobs)), key=lambda j: len(texts[jobs[j][0].task_id]))
     results: dict[int, dict] = {}
     total_tokens, gen_seconds, latencies = 0, 0.0, []
+    import sys
+
+    tty = sys.stderr.isatty()
     with Progress(TextColumn("generating"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False) as bar:
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False, disable=not tty) as bar:
         task = bar.add_task("gen", total=len(jobs), rate="")
         for b in range(0, len(order), opts.batch_size):
             idx = order[b:b + opts.batch_size]
@@ -410,6 +413,10 @@ def _generate_all(loaded, problems: list[Problem], opts: EvalOptions, chat: bool
             gen_seconds += secs
             latencies.append(secs)
             bar.update(task, advance=len(idx), rate=f"{total_tokens / max(gen_seconds, 1e-9):.1f} tok/s")
+            if not tty:  # a log file gets one line per batch instead of a bar
+                print(f"generated {min(b + opts.batch_size, len(order))}/{len(order)} "
+                      f"({total_tokens / max(gen_seconds, 1e-9):.1f} tok/s, {gen_seconds:.0f} s)", file=sys.stderr,
+                      flush=True)
     samples = [results[j] for j in range(len(jobs))]
     return samples, {"generation_tokens": total_tokens, "generation_seconds": round(gen_seconds, 2),
                      "generation_tokens_per_second": round(total_tokens / max(gen_seconds, 1e-9), 2),

@@ -128,3 +128,16 @@ def test_eval_generates_in_batches_with_a_tiny_model(tiny_model_dir, tmp_path, c
     assert [r["task_id"] for r in recs] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert cli.main(["eval", "--compare", str(out), str(out)]) == 0
     assert "| pass@1 | 0.0 | 0.0 |" in capsys.readouterr().out
+
+
+def test_fit_with_eval_scores_before_and_after(tiny_model_dir, code_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["fit", "--model", str(tiny_model_dir), "--data", str(code_dir), "-o", str(out), "--max-steps", "1",
+                     "seq_len=64", "micro_batch_size=2", "grad_accum_steps=1", "val_max_sequences=2", "warmup_steps=1",
+                     "--eval", "humaneval", "--eval-limit", "2", "--max-new-tokens", "4", "--no-chat"])
+    assert code == 0
+    for when in ("before", "after"):
+        s = json.loads((out / "eval" / when / "summary.json").read_text())
+        assert s["problems"] == 2 and "pass@1" in s
+    assert "| pass@1 |" in (out / "eval" / "comparison.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
