@@ -147,11 +147,22 @@ def _preexec(limits: Limits):
     return apply
 
 
+def _interpreter_binds() -> list[str]:
+    """Read-only binds that keep the interpreter visible when it lives under /tmp (a venv made there), which
+    the sandbox's private /tmp would otherwise hide."""
+    out: list[str] = []
+    for d in sorted({sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+                     os.path.dirname(os.path.abspath(sys.executable))}):
+        if d == "/tmp" or d.startswith("/tmp/"):
+            out += ["--ro-bind", d, d]
+    return out
+
+
 def _command(mode: str, work: Path, fd: int, limits: Limits) -> list[str]:
     if mode == "bwrap":
         return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-                "--size", str(limits.disk_bytes), "--tmpfs", "/tmp", "--ro-bind", str(work / "harness.py"),
-                "/tmp/harness.py", "--dev", "/dev", "--proc", "/proc", "--chdir", "/tmp", "--clearenv",
+                "--size", str(limits.disk_bytes), "--tmpfs", "/tmp", *_interpreter_binds(),
+                "--ro-bind", str(work / "harness.py"), "/tmp/harness.py", "--dev", "/dev", "--proc", "/proc", "--chdir", "/tmp", "--clearenv",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "PYTHONDONTWRITEBYTECODE", "1", sys.executable, "-I", "/tmp/harness.py", str(fd)]
     py = [sys.executable, "-I", "harness.py", str(fd)]
@@ -243,7 +254,9 @@ def run_program(program: str, checks: list[str], limits: Limits | None = None, m
         assert isinstance(result, dict) and result.get("nonce") == nonce
     except Exception:
         why = _death_reason(rc)
-        return Result(False, "no_result", f"no trustworthy result from the harness ({why})", **common)
+        last = next((ln for ln in reversed(stderr.strip().splitlines()) if ln.strip()), "")
+        detail = f"; stderr: {last[-200:]}" if last and rc not in (None, 0) else ""
+        return Result(False, "no_result", f"no trustworthy result from the harness ({why}){detail}", **common)
     if result.get("error"):
         return Result(False, "error", result["error"], **common)
     oks = [c.get("ok") is True for c in result.get("checks", [])]

@@ -198,3 +198,13 @@ def test_speed_report_has_every_figure(exported):
     assert s["kind"] == "onnx" and s["bytes"] > 0 and s["peak_rss_bytes"] > 0
     for key in ("load_seconds", "prefill_512_ms", "decode_tokens_per_second", "decode_tokens_per_second_generate"):
         assert s[key] > 0, key
+
+
+def test_an_onnx_export_can_be_evaluated(exported, tmp_path):
+    from qtrain.evaluate import EvalOptions, run_eval
+
+    out, _ = exported
+    s = run_eval(str(out / "int8"), EvalOptions(limit=3, max_new_tokens=6, batch_size=2, chat=False), tmp_path / "ev",
+                 say=lambda *_: None)
+    assert s["problems"] == 3 and s["generation_tokens"] > 0 and s["val_perplexity"] > 1
+    assert s["model"].endswith("int8")

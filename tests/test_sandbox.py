@@ -155,3 +155,13 @@ def test_unshare_fallback_still_blocks_the_network_and_kills_on_timeout():
     assert not r.passed and "unreachable" in r.reason
     r = run_program("while True:\n    pass\n", CHECKS, Limits(timeout_s=2), mode="unshare")
     assert r.status == "timeout"
+
+
+def test_an_interpreter_under_tmp_stays_visible(monkeypatch):
+    import sys
+
+    from qtrain import sandbox
+
+    monkeypatch.setattr(sys, "prefix", "/tmp/some-venv")
+    binds = sandbox._interpreter_binds()
+    assert binds[binds.index("/tmp/some-venv") - 1] == "--ro-bind"
