@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -204,15 +203,6 @@ def _text_pieces(tok, token_iter, eos: set[int]) -> Iterator[str]:
         if len(text) > len(shown):
             yield text[len(shown):]
             shown = text
-
-
-def timed_generate(loaded: Loaded, prompt: str, **kwargs) -> tuple[str, dict]:
-    """Generate and return (text, {"seconds", "tokens", "tokens_per_second"})."""
-    start = time.perf_counter()
-    text = "".join(stream_generate(loaded, prompt, **kwargs))
-    seconds = time.perf_counter() - start
-    n = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-    return text, {"seconds": seconds, "tokens": n, "tokens_per_second": n / seconds if seconds > 0 else 0.0}
 
 
 # ----------------------------------------------------------------------------------------- lean decode loops

@@ -228,9 +228,6 @@ def run_program(program: str, checks: list[str], limits: Limits | None = None, m
             if time.perf_counter() > deadline:
                 timed_out = True
                 break
-            if proc.poll() is not None and chunk is None:
-                # exited, but a grandchild may still hold the pipe open: give it until the deadline
-                pass
             time.sleep(0.005)
         seconds = time.perf_counter() - start
     finally:

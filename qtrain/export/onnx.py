@@ -254,10 +254,9 @@ def heldout_sequences(tokenizer, data: str | None, positions: int, seq_len: int 
 def _logits(model, ids):
     import torch
 
+    extra = {} if _is_ort(model) else {"use_cache": False}  # the ORT decoder always takes its cache inputs
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False) \
-            if not _is_ort(model) else model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return out.logits.float()
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits.float()
 
 
 def _is_ort(model) -> bool:
