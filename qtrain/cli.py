@@ -200,8 +200,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 return 3
             print(f"qtrain export: warning: {msg}", file=sys.stderr)
     if args.gguf:
+        from qtrain.bitnet import is_bitnet_dir
         from qtrain.export.gguf import export_gguf
 
+        if args.outtype is None:
+            args.outtype = "tq2_0" if src and is_bitnet_dir(Path(src)) else "q8_0"
         out = Path(args.gguf_output) if args.gguf_output else (
             Path(src) / f"model-{args.outtype}.gguf" if src else Path(f"exports/default-{args.outtype}.gguf"))
         info = export_gguf(src, out, outtype=args.outtype, overwrite=args.overwrite, data=args.data,
@@ -346,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
     exp.add_argument("-o", "--output", help="ONNX output directory (default: RUN/onnx)")
     exp.add_argument("--gguf", action="store_true", help="write a GGUF file for llama.cpp")
-    exp.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
+    exp.add_argument("--outtype", default=None, choices=["f32", "f16", "q8_0", "tq2_0", "tq1_0"],
+                     help="GGUF tensor type (default: q8_0; tq2_0 for a BitNet run, whose ternary layers it stores in "
+                          "llama.cpp's TQ2_0/TQ1_0 where rows are multiples of 256, Q8_0 elsewhere)")
     exp.add_argument("--gguf-output", help="GGUF file (default: RUN/model-OUTTYPE.gguf)")
     exp.add_argument("--gguf-pre", help="llama.cpp pre-tokenizer name, when qtrain does not recognise the tokenizer")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing export")

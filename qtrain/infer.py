@@ -103,7 +103,9 @@ def load_for_inference(ref: str | os.PathLike | None, *, threads: int | None = N
         model.eval()
         return Loaded(model, tok, "pytorch", str(path), {"run": json.loads((path / "run.json").read_text())})
     source = resolve_model_source(None if ref is None else str(ref))
-    model = load_model(source)
+    from qtrain.bitnet import is_bitnet_dir, load_packed
+
+    model = load_packed(path) if path is not None and is_bitnet_dir(path) else load_model(source)
     model.eval()
     return Loaded(model, load_tokenizer(source), "pytorch", source.name)
 

@@ -124,8 +124,22 @@ def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | N
         model = get_peft_model(model, config)
         use_fast_dropout(model)
         return model
-    raise RecipeError(f"method {recipe.method!r} is not available yet in this version of qtrain; "
-                      "use method=lora or method=full")
+    if recipe.method == "bitnet":
+        from qtrain import bitnet
+
+        try:
+            converted, kept = bitnet.convert(model, recipe.bitnet_rms_norm, getattr(model.config, "rms_norm_eps", 1e-6))
+        except ValueError as exc:
+            raise RecipeError(f"method=bitnet: {exc}") from None
+        log.info("bitnet: %d linear layers made ternary; kept in full precision: %s", len(converted),
+                 ", ".join(kept) or "none besides the LM head")
+        model._qtrain_bitnet_kept = kept
+        # every parameter trains: the ternary layers' full-precision shadow weights, embeddings and norms
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    raise RecipeError(f"method {recipe.method!r} is not available in this version of qtrain; "
+                      "use full, lora, qlora or bitnet")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

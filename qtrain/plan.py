@@ -90,7 +90,15 @@ def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> in
         per_token += frac * (-2 * h * b + 7 * recipe.lora_r * b)
         if recipe.lora_dropout > 0:
             per_token += frac * ((6 * h + i) + 4 * h * b)
-    return int(per_token * tokens)
+    fixed = 0
+    if recipe.method == "bitnet":
+        # each ternary layer keeps its own quantised input (+4h over full fine-tuning) and its quantised weight
+        # copy for the backward pass (one copy of the layer's linear weights); with bitnet_rms_norm the 7 norms
+        # also keep their inputs, normalised values and an rsqrt per token: +12h + 2i + 7 in all instead of
+        # +4h (census, tests/test_plan.py)
+        per_token += (12 * h + 2 * i + 7) * b if recipe.bitnet_rms_norm else 4 * h * b
+        fixed = sum(shape.layer_linear_params().values()) * b
+    return int(per_token * tokens) + fixed
 
 
 def _adapted_fraction(targets) -> float:
@@ -117,6 +125,12 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     terms: dict[str, int] = {}
     if recipe.method == "qlora":
         terms["weights"] = int(linear * NF4_BYTES_PER_PARAM + (total - linear) * b)
+    elif recipe.method == "bitnet":
+        # full-precision shadow weights (the optimizer updates them; the ternary values are derived each
+        # forward), plus bitnet_rms_norm's gains
+        if recipe.bitnet_rms_norm:
+            total += shape.n_layers * (6 * shape.hidden + shape.intermediate)
+        terms["weights"] = total * b
     else:
         terms["weights"] = total * b
     if recipe.method in ("lora", "qlora"):

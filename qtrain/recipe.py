@@ -76,6 +76,11 @@ class Recipe:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    # BitNet b1.58 (qtrain/bitnet.py): quantisation strength lambda rises linearly from 0 to 1 over this many
+    # steps (capped at half the run; 0 = ternary from the first step), and optional RMSNorm before each
+    # ternary layer's activation quantisation
+    bitnet_warmup_steps: int = 0
+    bitnet_rms_norm: bool = False
     # bookkeeping
     log_every: int = 1
     eval_every: int = 0
@@ -88,7 +93,7 @@ class Recipe:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"recipe key '{key}' must be > 0, got {getattr(self, key)!r}")
-        for key in ("warmup_steps", "eval_every", "save_every", "min_file_bytes", "weight_decay", "max_grad_norm"):
+        for key in ("warmup_steps", "bitnet_warmup_steps", "eval_every", "save_every", "min_file_bytes", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise RecipeError(f"recipe key '{key}' must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -33,6 +33,10 @@ def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32):
             base.resize_token_embeddings(meta["vocab_size"])
         return PeftModel.from_pretrained(base, run_dir)
     if (run_dir / "config.json").is_file():
+        from qtrain.bitnet import is_bitnet_dir, load_packed
+
+        if is_bitnet_dir(run_dir):  # packed ternary layers, loaded by transformers' BitNet support
+            return load_packed(run_dir)
         return AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
     raise ModelError(f"run directory {str(run_dir)!r} holds no trained model (no adapter_config.json or config.json): "
                      "the run did not finish; continue it with `qtrain fit -o DIR --resume`")

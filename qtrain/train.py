@@ -179,11 +179,18 @@ def _move_into(tmp: Path, run_dir: Path) -> None:
 
 
 def save_final(model, tokenizer, run_dir: Path, recipe: Recipe) -> None:
-    """Save the trained model in Hugging Face format: a PEFT adapter, or the full model."""
+    """Save the trained model in Hugging Face format: a PEFT adapter, the full model, or (bitnet) the packed
+    ternary model that transformers' BitNet support loads."""
     tmp = make_tmp_dir(run_dir / "final")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if recipe.method == "bitnet":
+            from qtrain import bitnet
+
+            bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm,
+                               getattr(model.config, "rms_norm_eps", 1e-6), getattr(model, "_qtrain_bitnet_kept", []))
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         _move_into(tmp, run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,6 +331,14 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     unwrapped = accelerator.unwrap_model(net)
     head = fused_head(unwrapped) if recipe.fused_cross_entropy else None
 
+    bit = recipe.method == "bitnet"
+
+    def validate() -> float:
+        if bit:  # the model that gets saved: fully ternary, whatever the warmup's strength is now
+            from qtrain import bitnet
+            bitnet.set_strength(unwrapped, 1.0)
+        return evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
+
     # ---- resume
     recipe_dict = {**recipe.to_dict(), "_data_fingerprint": rep["fingerprint"]}
     step, train_seconds, train_tokens, val_before = 0, 0.0, 0, None
@@ -347,7 +362,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     start_step, session_train_s0 = step, train_seconds
     t_val = time.perf_counter()
     if val_before is None:
-        val_before = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
+        val_before = validate()
     val_seconds = time.perf_counter() - t_val
     _print(accelerator, f"validation loss before: {val_before:.4f} (perplexity {math.exp(val_before):.2f}) on "
                         f"{int(packed.val_ids.numel()):,} tokens")
@@ -393,6 +408,10 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         with open(metrics_path, "a") if accelerator.is_main_process else contextlib.nullcontext() as mfile:
             while step < horizon["steps"]:
                 t0 = time.perf_counter()
+                if bit:
+                    from qtrain import bitnet
+                    strength = bitnet.strength_at(step, recipe.bitnet_warmup_steps, horizon["steps"])
+                    bitnet.set_strength(unwrapped, strength)
                 batches = []
                 for micro in range(recipe.grad_accum_steps):
                     idx = sample_indices(step, micro, rank, world, recipe.micro_batch_size, recipe.grad_accum_steps,
@@ -428,12 +447,12 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                     mfile.write(json.dumps({"step": step, "loss": round(mean_loss, 5), "lr": scheduler.get_last_lr()[0],
                                             "grad_norm": grad_norm, "tokens": train_tokens,
                                             "tokens_per_second": round(tps, 2), "step_seconds": round(dt, 4),
-                                            "peak_memory_bytes": peak}) + "\n")
+                                            "peak_memory_bytes": peak, **({"bitnet_strength": strength} if bit else {})}) + "\n")
                     mfile.flush()
                 progress.update(step, f"loss {mean_loss:.4f}  {tps:6.1f} tok/s  peak {peak / 2**30:.2f} GiB",
                                 recipe.log_every)
                 if recipe.eval_every and step % recipe.eval_every == 0 and step < horizon["steps"]:
-                    vl = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
+                    vl = validate()
                     _print(accelerator, f"step {step}: validation loss {vl:.4f} (perplexity {math.exp(vl):.2f})")
                     if accelerator.is_main_process:
                         mfile.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
@@ -468,7 +487,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         raise SystemExit(130)
 
     save(step)
-    val_after = evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
+    val_after = validate()
     peak = peak_memory_bytes(device)
     if world > 1:
         peak = int(accelerator.reduce(torch.tensor([peak], device=device), reduction="max").item())

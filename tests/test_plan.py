@@ -49,7 +49,7 @@ def test_7b_terms_against_hand_computed_values():
     assert p.terms["logits_and_loss"] == 256 * V * 4 * 2 + tokens * h * 4 * 2
 
 
-def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64):
+def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=False):
     """Census: bytes autograd saves for one Llama layer (2-layer minus 1-layer model, parameters excluded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +59,8 @@ def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64):
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=300, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, attn_implementation="sdpa")
-        m = prepare_model(LlamaForCausalLM(cfg), Recipe(method=method, lora_r=8, lora_dropout=dropout))
+        m = prepare_model(LlamaForCausalLM(cfg), Recipe(method=method, lora_r=8, lora_dropout=dropout,
+                                                                   bitnet_rms_norm=rms_norm))
         m.train()
         params = {p.untyped_storage().data_ptr() for p in m.parameters()}
         seen = {}
@@ -79,12 +80,14 @@ def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64):
 
 
 @pytest.mark.parametrize("h,i,heads,kv", [(96, 160, 6, 2), (128, 352, 4, 4), (80, 200, 5, 1)])
-@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1)])
-def test_activation_formula_matches_a_census_of_saved_tensors(h, i, heads, kv, method, dropout):
+@pytest.mark.parametrize("method,dropout,rms_norm", [("full", 0.0, False), ("lora", 0.0, False), ("lora", 0.1, False),
+                                                     ("bitnet", 0.0, False), ("bitnet", 0.0, True)])
+def test_activation_formula_matches_a_census_of_saved_tensors(h, i, heads, kv, method, dropout, rms_norm):
     s = shape_from_config({"model_type": "llama", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": 1,
                            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": 300})
-    r = Recipe(method=method, lora_r=8, lora_dropout=dropout, seq_len=64)
-    assert layer_activation_bytes(s, r, 64) == _saved_bytes_per_layer(h, i, heads, kv, method, dropout)
+    r = Recipe(method=method, lora_r=8, lora_dropout=dropout, seq_len=64, bitnet_rms_norm=rms_norm)
+    assert layer_activation_bytes(s, r, 64) == _saved_bytes_per_layer(h, i, heads, kv, method, dropout,
+                                                                       rms_norm=rms_norm)
 
 
 def test_plan_prefers_quality_then_sequence_and_explains_what_does_not_fit():

@@ -37,7 +37,11 @@ KNOWN_PRE = {
     "8aeee3860c56296a157a1fe2fad249ec40aa59b1bb5709f4ade11c4e6fe652ed": "falcon",
 }
 SUPPORTED = ("llama", "mistral")  # llama.cpp's LLAMA architecture, same tensor layout
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "tq2_0", "tq1_0")
+# ternary types: BitNet runs only. llama.cpp's TQ2_0 (2.06 bits/weight) and TQ1_0 (1.69) hold blocks of 256
+# ternary values with one fp16 scale; rows whose width is not a multiple of 256 go to Q8_0, which holds
+# ternary x scale exactly too (its per-32 fp16 scale is then the tensor's scale, quants +-127 or 0).
+TERNARY_OUTTYPES = ("tq2_0", "tq1_0")
 
 
 def pre_tokenizer_name(tokenizer) -> tuple[str | None, str]:
@@ -89,8 +93,12 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def write_gguf(model, tokenizer, out: Path, outtype: str = "q8_0", name: str = "qtrain",
-               pre_tokenizer: str | None = None) -> dict:
-    """Write ``model`` (a Llama-family causal LM in fp32) and its tokenizer to ``out`` (atomically)."""
+               pre_tokenizer: str | None = None, ternary: set[str] | None = None) -> dict:
+    """Write ``model`` (a Llama-family causal LM in fp32) and its tokenizer to ``out`` (atomically).
+
+    ``ternary``: state-dict names of weights that hold ternary x per-tensor scale (a BitNet model's
+    dequantized layers), written as TQ2_0/TQ1_0 for ``outtype`` tq2_0/tq1_0; the other tensors as q8_0 would be.
+    """
     import gguf
     import numpy as np
     import torch
@@ -101,6 +109,11 @@ def write_gguf(model, tokenizer, out: Path, outtype: str = "q8_0", name: str = "
                           "Use --onnx, or llama.cpp's convert_hf_to_gguf.py on the merged model")
     if outtype not in OUTTYPES:
         raise ExportError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if (outtype in TERNARY_OUTTYPES) != bool(ternary):
+        raise ExportError(f"--outtype {outtype} is for BitNet (ternary) runs only; use f32, f16 or q8_0 for this model"
+                          if outtype in TERNARY_OUTTYPES else
+                          f"this is a BitNet (ternary) model: use --outtype tq2_0 or tq1_0 (got {outtype})")
+    ternary = ternary or set()
     pre, digest = pre_tokenizer_name(tokenizer)
     if pre_tokenizer:
         pre = pre_tokenizer  # the user knows better (a tokenizer llama.cpp knows under another hash)
@@ -113,7 +126,8 @@ def write_gguf(model, tokenizer, out: Path, outtype: str = "q8_0", name: str = "
     arch = gguf.MODEL_ARCH.LLAMA
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
+             "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}[outtype]
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
@@ -162,12 +176,15 @@ def write_gguf(model, tokenizer, out: Path, outtype: str = "q8_0", name: str = "
             qtype = gguf.GGMLQuantizationType.F32
             if data.ndim >= 2 and outtype == "f16":
                 qtype = gguf.GGMLQuantizationType.F16
-            elif data.ndim >= 2 and outtype == "q8_0":
+            elif data.ndim >= 2 and hf_name in ternary and data.shape[-1] % 256 == 0:
+                qtype = gguf.GGMLQuantizationType[outtype.upper()]
+            elif data.ndim >= 2 and outtype != "f32":
                 # Q8_0 needs rows in blocks of 32; llama.cpp's converter falls back to F16 otherwise
                 qtype = gguf.GGMLQuantizationType.Q8_0 if data.shape[-1] % 32 == 0 else gguf.GGMLQuantizationType.F16
             if qtype == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(new, data.astype(np.float16))
-            elif qtype == gguf.GGMLQuantizationType.Q8_0:
+            elif qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.TQ2_0,
+                           gguf.GGMLQuantizationType.TQ1_0):
                 writer.add_tensor(new, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # uint8 rows of blocks
             else:
                 writer.add_tensor(new, np.ascontiguousarray(data))
@@ -242,24 +259,75 @@ def _llama_cpp_agreement(out: Path, model, seqs) -> dict:  # pragma: no cover - 
     return {"next_token_agreement": round(agree / count, 5), "positions": count}
 
 
-def export_gguf(ref, out: str | Path, outtype: str = "q8_0", overwrite: bool = False, data: str | None = None,
+def ternary_weights_check(out: Path, model, names: set[str]) -> dict:
+    """Read the ternary tensors back from ``out`` and compare them with what was written (ternary x scale):
+    the largest relative difference (fp16 rounding of the block scale: <= 2**-11) and whether the ternary
+    pattern (sign and zeros) is identical."""
+    import gguf
+    import numpy as np
+    import torch
+
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    reader = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    sd = model.state_dict()
+    worst, same, types = 0.0, True, {}
+    for hf_name in sorted(names):
+        want = sd[hf_name].detach().to(torch.float32).numpy()
+        if hf_name.endswith("q_proj.weight"):
+            want = permute_rotary(want, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            want = permute_rotary(want, n_kv)
+        t = reader[tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
+        got = gguf.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        scale = float(np.abs(want).max()) or 1.0
+        worst = max(worst, float(np.abs(got - want).max()) / scale)
+        same &= bool(np.array_equal(np.sign(got), np.sign(want)))
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"ternary_tensors": len(names), "types": types, "max_relative_error": worst, "ternary_pattern_equal": same}
+
+
+def export_gguf(ref, out: str | Path, outtype: str | None = None, overwrite: bool = False, data: str | None = None,
                 positions: int = 1024, pre_tokenizer: str | None = None) -> dict:
+    """Write ``ref`` (run directory, model) as GGUF and verify it by reading it back. ``outtype`` None: q8_0, or
+    tq2_0 for a BitNet run."""
+    import copy
+
+    from qtrain.bitnet import dequantized
     from qtrain.export.onnx import heldout_sequences, merged_model
 
     out = Path(out)
     _check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model, tok, info = merged_model(ref)
+    reference, ternary = model, None
+    if any(type(m).__name__ == "BitLinear" for m in model.modules()):
+        # GGUF holds the weights (ternary x scale); llama.cpp quantises activations itself (8-bit per block)
+        try:
+            model, ternary = dequantized(copy.deepcopy(model))
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+    outtype = outtype or ("tq2_0" if ternary else "q8_0")
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    written = write_gguf(model, tok, out, outtype, pre_tokenizer=pre_tokenizer)
+    written = write_gguf(model, tok, out, outtype, pre_tokenizer=pre_tokenizer, ternary=ternary)
     written["seconds"] = round(time.perf_counter() - start, 1)
     seqs = heldout_sequences(tok, data, positions)
-    check = verify(out, model, tok, seqs)
+    check = verify(out, reference, tok, seqs)
+    if ternary:
+        check["ternary_weights"] = ternary_weights_check(out, model, ternary)
+        check["reference"] = "the BitNet model in PyTorch (transformers' BitLinear: ternary weights, int8 activations)"
     report = {"file": str(out), "outtype": outtype, "source": info, **written, "verify": check}
     report["summary"] = (f"wrote {out} ({written['bytes'] / 1e6:.1f} MB, {outtype}, pre-tokenizer {written['pre_tokenizer']!r}); "
                          f"read back: tokenizer {'identical' if check['tokenizer_equal'] else 'DIFFERENT'}, next-token "
                          f"agreement {check['next_token_agreement']:.2%} over {check['positions']} positions, "
                          f"max |logit diff| {check['max_abs_logit_diff']:.4f}")
+    if ternary:
+        tw = check["ternary_weights"]
+        report["summary"] += (f"; ternary weights read back {tw['types']}: pattern "
+                              f"{'identical' if tw['ternary_pattern_equal'] else 'DIFFERENT'}, max relative error "
+                              f"{tw['max_relative_error']:.1e}")
     from qtrain.io import atomic_write_json
 
     atomic_write_json(out.with_suffix(".report.json"), {k: v for k, v in report.items() if k != "summary"})

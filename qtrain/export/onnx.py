@@ -77,7 +77,8 @@ def merged_model(ref):
                           "--output directory of `qtrain fit` or a Hugging Face model directory")
     if path is None or not (path / "run.json").is_file():
         loaded = load_for_inference(ref)
-        return loaded.model.float(), loaded.tokenizer, {"source": loaded.name, "adapter": False}
+        model = loaded.model if getattr(loaded.model, "is_quantized", False) else loaded.model.float()
+        return model, loaded.tokenizer, {"source": loaded.name, "adapter": False}
 
     from transformers import AutoTokenizer
 
@@ -94,8 +95,11 @@ def merged_model(ref):
                               "config.json): the run did not finish; continue it with `qtrain fit -o DIR --resume`")
         from transformers import AutoModelForCausalLM
 
+        from qtrain.bitnet import is_bitnet_dir, load_packed
+
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = load_packed(path) if is_bitnet_dir(path) else \
+                AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except Exception as exc:
             raise ExportError(f"the model in {str(path)!r} could not be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); re-run `qtrain fit` to rewrite it") from None
@@ -324,6 +328,11 @@ def _check_output(output: Path, overwrite: bool) -> None:
                               "even with --overwrite. Choose another -o")
 
 
+def _quant_method(config) -> str | None:
+    q = config.quantization_config
+    return q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+
+
 def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = False, say=print) -> dict:
     """Export ``ref`` to ONNX under ``output``; returns the report (also written to ``output/report.json``)."""
     import torch
@@ -334,6 +343,11 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
     _check_output(output, overwrite)
     say(f"loading {ref or 'the embedded default model'} ...")
     model, tok, info = merged_model(ref)
+    if getattr(model.config, "quantization_config", None) is not None and \
+            _quant_method(model.config) == "bitnet":
+        raise ExportError("this is a BitNet (ternary) model: its int8 activation quantisation and 2-bit packed "
+                          "weights have no faithful ONNX form here; export it with --gguf --outtype tq2_0 "
+                          "(llama.cpp's ternary type) instead")
     if info.get("adapter"):
         say(f"merged the LoRA adapter (max |logit difference| merged vs unmerged: {info['merge_max_abs_logit_diff']:.2e})")
     tmp = make_tmp_dir(output)

@@ -46,6 +46,38 @@ def _lean_seconds(run, ids: list[int], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def measure_llama_cpp(path: Path, threads: int, repeats: int = 3) -> dict:
+    """The same figures for a GGUF file in llama.cpp (llama-cpp-python): prefill of 512 tokens, greedy decode."""
+    from llama_cpp import Llama
+
+    from qtrain.measure import peak_rss_bytes
+
+    start = time.perf_counter()
+    llm = Llama(model_path=str(path), n_ctx=PREFILL_TOKENS + DECODE_TOKENS + 16, n_threads=threads,
+                n_threads_batch=threads, n_batch=PREFILL_TOKENS, verbose=False)
+    load_s = time.perf_counter() - start
+    ids = llm.tokenize((PROMPT * 64).encode(), add_bos=False)
+    long, short = ids[:PREFILL_TOKENS], ids[:16]
+
+    def run(prompt, n):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        for _ in range(n - 1):
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+            llm.eval([token])
+        return time.perf_counter() - start
+
+    run(short, 4)
+    prefill = statistics.median(run(long, 1) for _ in range(repeats))
+    one = statistics.median(run(short, 1) for _ in range(repeats))
+    full = statistics.median(run(short, DECODE_TOKENS + 1) for _ in range(repeats))
+    return {"kind": "llama.cpp", "threads": threads, "load_seconds": round(load_s, 3),
+            "prefill_512_ms": round(prefill * 1000, 1),
+            "decode_tokens_per_second": round(DECODE_TOKENS / max(1e-9, full - one), 2),
+            "peak_rss_bytes": peak_rss_bytes(), "bytes": path.stat().st_size}
+
+
 def measure(directory: Path, threads: int | None = None, repeats: int = 3) -> dict:
     import torch
 
@@ -53,6 +85,8 @@ def measure(directory: Path, threads: int | None = None, repeats: int = 3) -> di
     from qtrain.measure import peak_rss_bytes
 
     threads = threads or default_threads()
+    if Path(directory).suffix == ".gguf":
+        return measure_llama_cpp(Path(directory), threads, repeats)
     torch.set_num_threads(threads)
     start = time.perf_counter()
     loaded = load_for_inference(directory, threads=threads)
@@ -83,7 +117,9 @@ def measure(directory: Path, threads: int | None = None, repeats: int = 3) -> di
 
         size = _model_bytes(onnx_file(Path(directory)))
     else:
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        # parameters and buffers (a BitNet model's packed ternary weights are buffers), shared ones once
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
     return {"kind": loaded.kind, "threads": threads, "load_seconds": round(load_s, 3),
             "prefill_512_ms": round(prefill * 1000, 1), "decode_tokens_per_second": round(decode, 2),
             "decode_tokens_per_second_generate": round(decode_generate, 2),

@@ -1,0 +1,217 @@
+"""BitNet b1.58: the layer against transformers' pieces, the warmup, training/resume, the packed round trip, GGUF."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from qtrain import bitnet
+from qtrain.recipe import load_recipe
+from qtrain.train import Progress, fit
+
+TINY = ["seq_len=64", "micro_batch_size=2", "grad_accum_steps=2", "warmup_steps=1", "val_max_sequences=4",
+        "learning_rate=1e-3", "method=bitnet"]
+
+
+@pytest.fixture
+def eager_transformers_bitnet():
+    """transformers' BitNet quantisers are torch.compile'd (~20 s per shape on a CPU); same ops run eagerly."""
+    bitnet._eager_bitlinear()
+
+
+@pytest.mark.parametrize("shape,bias", [((3, 5, 64), False), ((2, 48), True)])
+def test_layer_matches_transformers_autobitlinear_forward_and_backward(shape, bias, eager_transformers_bitnet):
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    torch.manual_seed(0)
+    ref = AutoBitLinear(shape[-1], 36, bias=bias, online_quant=True)
+    ours = bitnet.BitNetLinear.from_linear(nn.Linear(shape[-1], 36, bias=bias))
+    with torch.no_grad():
+        ours.weight.copy_(ref.weight)
+        if bias:
+            ours.bias.copy_(ref.bias)
+    x = torch.randn(*shape) * 3
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x1), ours(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)  # straight-through to the input
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)  # and to the shadow weights
+
+
+def test_strength_zero_is_the_original_layer_and_one_is_ternary():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    layer = bitnet.BitNetLinear.from_linear(lin)
+    x = torch.randn(4, 32)
+    layer.lam = 0.0
+    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0)
+    layer.lam = 1.0
+    t, scale = bitnet.ternarize(lin.weight)
+    assert set(t.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert float(scale) == pytest.approx(1 / float(lin.weight.detach().abs().mean()), rel=1e-6)
+    xq = bitnet.quantize_activations(x)
+    torch.testing.assert_close(layer(x), nn.functional.linear(xq, t / scale, lin.bias))
+    y1 = layer(x)
+    layer.lam = 0.5  # the warmup's blend is neither
+    mid = layer(x)
+    assert float((mid - lin(x)).abs().max()) > 1e-4 and float((mid - y1).abs().max()) > 1e-4  # noqa
+
+
+def test_strength_schedule():
+    assert [bitnet.strength_at(s, 0, 10) for s in (0, 5)] == [1.0, 1.0]  # off: ternary from the start
+    assert [bitnet.strength_at(s, 4, 100) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    # warmup longer than half the run is capped so the second half trains the true ternary model
+    assert bitnet.strength_at(5, 100, 10) == 1.0 and bitnet.strength_at(2, 100, 10) == pytest.approx(0.4)
+
+
+def test_convert_keeps_the_head_and_rows_that_cannot_be_packed():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=62, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    m = LlamaForCausalLM(cfg)
+    converted, kept = bitnet.convert(m)
+    assert "lm_head" not in converted and isinstance(m.lm_head, nn.Linear) and not isinstance(m.lm_head, bitnet.BitNetLinear)
+    # q k v o and down (32 rows); gate/up have 62 rows, which 4-per-byte packing cannot hold -> kept
+    assert sorted(c.rsplit(".", 1)[-1] for c in converted) == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert any("gate_proj" in k and "62" in k for k in kept)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        bitnet.convert(nn.Sequential(nn.Embedding(4, 4)))
+
+
+def test_packed_round_trip_matches_the_training_forward(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.bitnet import BitLinear, unpack_weights
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    bitnet.convert(m)
+    with torch.no_grad():  # move the shadow weights off their init so the ternary pattern is not trivial
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    m.eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+    bitnet.save_packed(m, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "packed", False, 1e-6)
+    sd = load_file(str(tmp_path / "packed" / "model.safetensors"))
+    q = sd["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.uint8 and q.shape == (32 // 4, 32)
+    cfg = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "bitnet"
+    assert "1 / mean(|W|)" in cfg["qtrain_bitnet"]["scale_convention"]
+
+    back = bitnet.load_packed(tmp_path / "packed")
+    layer = back.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, BitLinear)
+    shadow = m.model.layers[0].self_attn.q_proj.weight
+    t, scale = bitnet.ternarize(shadow)
+    torch.testing.assert_close(unpack_weights(layer.weight, torch.float32), t, rtol=0, atol=0)  # same ternary values
+    torch.testing.assert_close(layer.weight_scale, scale.reshape(1), rtol=0, atol=0)
+    with torch.no_grad():
+        got = back(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the training model is untouched by saving (its config carries no quantization_config)
+    assert getattr(m.config, "quantization_config", None) is None
+
+
+def test_bitnet_fit_checkpoint_resume_and_load(tmp_path, tiny_model_dir, code_dir, monkeypatch):
+    extra = ["bitnet_warmup_steps=4", "save_every=100", "gradient_checkpointing=true"]
+    straight = fit(load_recipe(None, TINY + ["max_steps=6", *extra]), model=str(tiny_model_dir),
+                   data=str(code_dir), output=tmp_path / "straight")
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["bitnet_strength"] for x in lines] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0]  # warmup capped at 6 // 2
+    assert straight["method"] == "bitnet" and straight["trainable_params"] == straight["total_params"]
+
+    original = Progress.update
+
+    def ctrl_c_at_step_2(self, step, info, every):
+        original(self, step, info, every)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "update", ctrl_c_at_step_2)
+    with pytest.raises(SystemExit):
+        fit(load_recipe(None, TINY + ["max_steps=6", *extra]), model=str(tiny_model_dir), data=str(code_dir),
+            output=tmp_path / "broken")
+    monkeypatch.setattr(Progress, "update", original)
+    resumed = fit(load_recipe(None, TINY + ["max_steps=6", *extra]), model=str(tiny_model_dir), data=str(code_dir),
+                  output=tmp_path / "broken", resume=True)
+    assert resumed["val_loss_after"] == straight["val_loss_after"]
+
+    from qtrain.runs import load_trained
+
+    model = load_trained(tmp_path / "straight")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
+
+
+def test_ternary_gguf_uses_tq_types_where_rows_allow_and_reads_back_exactly(tmp_path, code_dir):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from qtrain.export.gguf import export_gguf
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([p.read_text() for p in sorted(code_dir.iterdir())],
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    # hidden 256: rows of q/k/v/o/gate/up are one TQ block; down_proj's rows (intermediate 96) are not
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=fast.eos_token_id)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg)
+    bitnet.convert(m)
+    bitnet.save_packed(m, fast, tmp_path / "bit", False, 1e-6)
+    report = export_gguf(str(tmp_path / "bit"), tmp_path / "bit.gguf", data=str(code_dir), positions=128,
+                         pre_tokenizer="gpt-2")
+    assert report["outtype"] == "tq2_0"
+    tw = report["verify"]["ternary_weights"]
+    assert tw["types"] == {"TQ2_0": 6, "Q8_0": 1} and tw["ternary_pattern_equal"]
+    assert tw["max_relative_error"] <= 2**-11  # fp16 scale rounding only
+    assert report["verify"]["next_token_agreement"] >= 0.9  # vs the int8-activation model in PyTorch
+    tq1 = export_gguf(str(tmp_path / "bit"), tmp_path / "bit1.gguf", outtype="tq1_0", data=str(code_dir),
+                      positions=128, pre_tokenizer="gpt-2")
+    assert tq1["verify"]["ternary_weights"]["types"] == {"TQ1_0": 6, "Q8_0": 1}
+    assert tq1["bytes"] < report["bytes"]
+
+
+    from qtrain.export import ExportError
+    from qtrain.export.onnx import ExportOptions, export_onnx
+
+    with pytest.raises(ExportError, match="BitNet.*--gguf --outtype tq2_0"):
+        export_onnx(str(tmp_path / "bit"), tmp_path / "onnx", ExportOptions(), say=lambda *_: None)
+    with pytest.raises(ExportError, match=r"BitNet \(ternary\) runs only"):
+        export_gguf(str(tiny_dir_of(tmp_path, fast)), tmp_path / "plain.gguf", outtype="tq2_0", pre_tokenizer="gpt-2")
+
+
+def tiny_dir_of(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path / "plain"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_the_planner_knows_bitnet_memory():
+    from qtrain.plan import model_shape, predict
+    from qtrain.recipe import Recipe
+
+    s = model_shape(None)
+    full = predict(s, Recipe(method="full", seq_len=512), "cpu")
+    bit = predict(s, Recipe(method="bitnet", seq_len=512), "cpu")
+    assert bit.terms["weights"] == full.terms["weights"] and bit.terms["optimizer_states"] == full.terms["optimizer_states"]
+    # one quantised copy of the linear weights per layer in flight, and each layer's own quantised inputs
+    assert bit.terms["activations"] - full.terms["activations"] == s.n_layers * (
+        sum(s.layer_linear_params().values()) * 4 + 4 * s.hidden * 4 * 512)
