@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", help="keep the runs here (reused by --skip-training)")
     ap.add_argument("--skip-training", action="store_true", help="reuse the runs saved in --keep")
+    ap.add_argument("--train-only", action="store_true", help="stop after the training runs (resume with --skip-training)")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if args.render_only:
@@ -227,6 +228,8 @@ def main() -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qtrain-bitnet-bench-"))
     runs = json.loads((work / "runs.json").read_text()) if args.skip_training else train(work, args.steps, args.eval_every)
     atomic_write_json(work / "runs.json", runs)
+    if args.train_only:
+        return
     bit_dir = Path(runs["BitNet, lambda warmup"]["dir"])
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"benchmark": "bitnet_compare", "git": git, "steps": args.steps, "machine": machine_info(),

@@ -238,6 +238,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from qtrain.infer import load_for_inference
+
+    try:
+        from qtrain.serve import ServeConfig, serve
+    except ImportError as exc:
+        raise RecipeError(f"qtrain serve needs the serve extra: pip install 'qtrain[serve]' ({exc})") from None
+    for name in ("max_tokens", "max_prompt_tokens", "queue", "concurrency", "port"):
+        if getattr(args, name) <= 0:
+            raise RecipeError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    if args.timeout <= 0:
+        raise RecipeError(f"--timeout {args.timeout} must be positive (seconds)")
+    key = args.api_key or os.environ.get("QTRAIN_API_KEY") or None
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not key:
+        print(f"qtrain serve: warning: listening on {args.host} without an API key: anyone who can reach this "
+              "machine can use the model; set --api-key or QTRAIN_API_KEY", file=sys.stderr)
+    loaded = load_for_inference(args.model, threads=args.threads)
+    cfg = ServeConfig(model_id=args.model_name or loaded.name, max_prompt_tokens=args.max_prompt_tokens,
+                      max_tokens=args.max_tokens, max_queue=args.queue, concurrency=args.concurrency,
+                      timeout_s=args.timeout, api_key=key)
+    print(f"serving {cfg.model_id} ({loaded.kind}) on http://{args.host}:{args.port}/ (OpenAI API under /v1"
+          f"{', API key required' if key else ''})", file=sys.stderr, flush=True)
+    serve(loaded, cfg, host=args.host, port=args.port, threads=args.threads)
+    return 0
+
+
 def _eval_options(args, task: str, limit, data):
     from qtrain.evaluate import EvalError, EvalOptions
 
@@ -370,6 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the chat template (default: when the tokenizer has one)")
     gen.add_argument("--threads", type=int)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible completion server and a web page to try the model",
+                         description="Serve a run directory, an ONNX export or any model: POST /v1/completions, "
+                                     "/v1/chat/completions, GET /v1/models, /health, and a page at /.")
+    srv.add_argument("model", nargs="?", help="run directory, ONNX export, model dir / hub id / .gguf; default: embedded")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set QTRAIN_API_KEY)")
+    srv.add_argument("--model-name", help="the model id clients use (default: the model's name)")
+    srv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    srv.add_argument("--max-prompt-tokens", type=int, default=2048)
+    srv.add_argument("--queue", type=int, default=16, help="requests waiting or running before 429")
+    srv.add_argument("--concurrency", type=int, default=1, help="generations at once (1 is fastest on a CPU)")
+    srv.add_argument("--timeout", type=float, default=120.0, help="seconds one generation may take")
+    srv.add_argument("--threads", type=int)
+    srv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="pass@k on HumanEval / MBPP with generated code run in a sandbox",
                         description="Generate solutions and run them with their tests in a sandbox (bubblewrap).")

@@ -166,29 +166,38 @@ def stream_generate(loaded: Loaded, prompt: str, *, max_new_tokens: int = 128, t
     else:
         worker = Thread(target=run, daemon=True)
         worker.start()
-    stops = [s for s in (stop or []) if s]
-    hold = max((len(s) for s in stops), default=1) - 1  # a stop sequence may arrive split over pieces
-    emitted, sent = "", 0
     try:
-        for piece in streamer:
-            emitted += piece
-            cut = min((i for i in (emitted.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield emitted[sent:cut]
-                sent = len(emitted)
-                break
-            if len(emitted) - hold > sent:
-                yield emitted[sent:len(emitted) - hold]
-                sent = len(emitted) - hold
-        if sent < len(emitted):
-            yield emitted[sent:]
+        yield from cut_at_stops(streamer, stop)
     finally:
         halt.set()  # also when the consumer stops iterating (GeneratorExit)
         if worker is not None:
             worker.join(timeout=30)
     if errors:
         raise errors[0]
+
+
+def cut_at_stops(pieces: Iterator[str], stop: list[str] | None, found: list | None = None) -> Iterator[str]:
+    """Pass text pieces through until one of the ``stop`` strings appears (not included). A stop string may
+    arrive split over pieces, so the last ``len(longest stop) - 1`` characters are held back until it is
+    certain they do not start one. Appends the stop string to ``found`` when one ended the text."""
+    stops = [s for s in (stop or []) if s]
+    hold = max((len(s) for s in stops), default=1) - 1
+    emitted, sent = "", 0
+    for piece in pieces:
+        emitted += piece
+        hits = [(i, s) for s in stops if (i := emitted.find(s)) >= 0]
+        if hits:
+            cut, which = min(hits)
+            if cut > sent:
+                yield emitted[sent:cut]
+            if found is not None:
+                found.append(which)
+            return
+        if len(emitted) - hold > sent:
+            yield emitted[sent:len(emitted) - hold]
+            sent = len(emitted) - hold
+    if sent < len(emitted):
+        yield emitted[sent:]
 
 
 def _text_pieces(tok, token_iter, eos: set[int]) -> Iterator[str]:
@@ -264,6 +273,27 @@ class OnnxDecoder:
                 return
             ids = np.asarray([[token]], dtype=np.int64)
             total += 1
+
+
+def torch_tokens(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, rng=None) -> Iterator[int]:
+    """:func:`torch_decode` with sampling (temperature, top-p) done like :class:`OnnxDecoder`'s, for the server."""
+    import numpy as np
+    import torch
+
+    rng = rng or np.random.default_rng()
+    ids = torch.tensor([prompt_ids])
+    past = None
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1]
+            token = int(logits.argmax()) if temperature <= 0 else _pick(logits.double().numpy(), temperature, top_p, rng)
+            yield token
+            if eos_ids and token in eos_ids:
+                return
+            ids = torch.tensor([[token]])
 
 
 def _pick(logits, temperature: float, top_p: float, rng) -> int:
