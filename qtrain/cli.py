@@ -238,6 +238,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qtrain import bench
+
+    if not args.matrix and not args.budget and not args.report:
+        raise RecipeError("say what to do: --matrix methods|tradeoff|budget|FILE.yaml to run a matrix, --budget 8GB "
+                          "for the recipes that fit, or --report DIR to redraw a result")
+    if args.report:
+        rows = bench.load_rows(Path(args.report))
+        print(bench.render_report(rows, Path(args.report), f"qtrain bench: {Path(rows[0]['matrix']).stem if rows else '?'} matrix",
+                                  f"qtrain bench --matrix {rows[0]['matrix'] if rows else '?'} --steps "
+                                  f"{rows[0]['steps_requested'] if rows else '?'}"))
+        return 0
+    if args.matrix == "budget":
+        out = Path(args.output or "runs/bench-budget")
+        models = [args.model] if args.model else list(bench.BUDGET_MODELS)
+        print(bench.render_budget(bench.budget_table(models), out, "qtrain bench --matrix budget"))
+        return 0
+    if args.matrix:
+        name = Path(args.matrix).stem
+        out = Path(args.output or f"runs/bench-{name}")
+        rows = bench.run_matrix(args.matrix, out, args.steps, model=args.model, data=args.data, country=args.country,
+                                say=lambda m: print(m, flush=True))
+        command = f"qtrain bench --matrix {args.matrix} --steps {args.steps}"
+        print(bench.render_report(rows, out, f"qtrain bench: {name} matrix", command))
+        failed = [r["name"] for r in rows if r.get("status") != "ok"]
+        if failed:
+            print(f"qtrain bench: {len(failed)} row(s) failed: {', '.join(failed)}; run the same command again to "
+                  "retry them (finished rows are kept)", file=sys.stderr)
+            return 1
+        return 0
+    results = [Path(p) for p in (args.results or [])] or [RECIPES_DIR.parent / "benchmarks" / "results" / "bench-methods"]
+    print(bench.answer_budget(args.budget, args.model, args.device, results))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
@@ -402,6 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the chat template (default: when the tokenizer has one)")
     gen.add_argument("--threads", type=int)
     gen.set_defaults(func=cmd_generate)
+
+    ben = sub.add_parser("bench", help="benchmark a matrix of recipes (memory, tokens/s, energy, loss) or answer a budget",
+                         description="Run a matrix of recipes, each in its own process under CodeCarbon, into one JSON "
+                                     "per row, then Markdown tables and PNG plots; or list what fits a budget.")
+    ben.add_argument("--matrix", help="methods, tradeoff, budget (planner only) or a YAML file of rows")
+    ben.add_argument("--steps", type=int, default=3, help="optimizer steps per row (default 3)")
+    ben.add_argument("--model", help="model for every row (default: the embedded model)")
+    ben.add_argument("--data", help="training data for every row (default: the standard-library corpus)")
+    ben.add_argument("--budget", help="with no --matrix: the recipes that fit this budget, measured where a bench ran")
+    ben.add_argument("--device", default="auto", help="cpu, cuda or auto (for --budget)")
+    ben.add_argument("--results", nargs="+", help="bench result directories to take measured figures from (--budget)")
+    ben.add_argument("-o", "--output", help="result directory (default: runs/bench-MATRIX); rerunning resumes it")
+    ben.add_argument("--report", metavar="DIR", help="redraw the tables and plots of a result directory")
+    ben.add_argument("--country", default="USA", help="ISO code of the grid whose carbon intensity CodeCarbon uses")
+    ben.set_defaults(func=cmd_bench)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible completion server and a web page to try the model",
                          description="Serve a run directory, an ONNX export or any model: POST /v1/completions, "

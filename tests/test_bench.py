@@ -1,0 +1,89 @@
+"""qtrain bench: rows in subprocesses with CodeCarbon, failures kept, resume, report and plots, budget answers."""
+
+import json
+
+import pytest
+import yaml
+
+from qtrain import bench, cli
+
+SMALL = {"seq_len": 64, "micro_batch_size": 2, "grad_accum_steps": 1, "lora_r": 4, "lora_alpha": 8,
+         "val_max_sequences": 4}
+
+
+def test_shipped_matrices_are_valid_recipes():
+    methods = bench.matrix_rows("methods")
+    assert {bench.row_recipe(r, 2).method for r in methods} == \
+        {"full", "lora", "qlora", "bitnet"}
+    assert sum(bench.row_recipe(r, 2).gradient_checkpointing for r in methods) == 4
+    trade = bench.matrix_rows("tradeoff")
+    base = bench.row_recipe(trade[0], 2)
+    assert (base.lora_r, base.micro_batch_size, base.seq_len, base.learning_rate) == (64, 2, 1024, 5e-5)
+    # one variable at a time: every other row differs from the base in exactly one of the seed's variables
+    for r in trade[1:]:
+        rec = bench.row_recipe(r, 2)
+        diff = [k for k in bench.TRADEOFF_RANGES if getattr(rec, k) != getattr(base, k)]
+        assert diff == [r["group"]], r["name"]
+    assert len(trade) == 1 + sum(len(v) - 1 for v in bench.TRADEOFF_RANGES.values())
+    with pytest.raises(bench.BenchError, match="neither a shipped matrix"):
+        bench.matrix_rows("nope")
+
+
+def test_matrix_runs_rows_keeps_failures_resumes_and_reports(tmp_path, tiny_model_dir, code_dir, capsys):
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(yaml.safe_dump({"rows": [
+        {"name": "lora", "overrides": {**SMALL, "method": "lora"}},
+        {"name": "full+ckpt", "overrides": {**SMALL, "method": "full", "gradient_checkpointing": True,
+                                            "learning_rate": 1e-4}},
+        # needs a GPU: fails at run time, after the recipe validated
+        {"name": "paged", "overrides": {**SMALL, "method": "lora", "optimizer": "paged_adamw_8bit"}},
+    ]}))
+    out = tmp_path / "out"
+    code = cli.main(["bench", "--matrix", str(matrix), "--steps", "2", "--model", str(tiny_model_dir),
+                     "--data", str(code_dir), "-o", str(out)])
+    assert code == 1  # one row failed, and the command says so
+    err = capsys.readouterr().err
+    assert "1 row(s) failed: paged" in err
+    rows = {r["name"]: r for r in bench.load_rows(out)}
+    assert rows["paged"]["status"] == "failed" and "CUDA" in rows["paged"]["error"]
+    ok = rows["lora"]
+    assert ok["status"] == "ok" and ok["steps"] == 2 and ok["tokens_per_second"] > 0 and ok["peak_memory_bytes"] > 0
+    assert ok["predicted_peak_bytes"] > 0 and ok["git"] and ok["versions"]["torch"]
+    e = ok["energy"]
+    assert e["kwh"] > 0 and e["co2_kg"] > 0 and e["label"] and e["cpu_mode"]
+    if e["sanity"]["ratio"] is not None:  # estimate mode: CodeCarbon's CPU energy = CPU seconds x TDP per core
+        assert 0.5 < e["sanity"]["ratio"] < 2.0, e["sanity"]
+    report = (out / "report.md").read_text()
+    assert "| lora | lora |" in report and "FAILED" in report and "memory_vs_throughput.png" in report
+    assert (out / "memory_vs_throughput.png").stat().st_size > 10_000 and (out / "energy_per_mtok.png").is_file()
+
+    # rerun: finished rows are kept as they were, the failed one is tried again (and fails again)
+    before = (out / "rows" / "lora.json").read_text()
+    assert cli.main(["bench", "--matrix", str(matrix), "--steps", "2", "--model", str(tiny_model_dir),
+                     "--data", str(code_dir), "-o", str(out)]) == 1
+    assert (out / "rows" / "lora.json").read_text() == before
+    assert "lora: done before, kept" in capsys.readouterr().out
+    assert cli.main(["bench", "--report", str(out)]) == 0
+
+
+def test_bad_matrix_rows_fail_before_running(tmp_path, capsys):
+    m = tmp_path / "bad.yaml"
+    m.write_text(yaml.safe_dump({"rows": [{"name": "x", "overrides": {"lora_rnak": 8}}]}))
+    assert cli.main(["bench", "--matrix", str(m), "-o", str(tmp_path / "o")]) == 2
+    assert "lora_rnak" in capsys.readouterr().err and not (tmp_path / "o" / "rows").exists()
+    m.write_text("rows: 3")
+    assert cli.main(["bench", "--matrix", str(m)]) == 2
+    assert cli.main(["bench"]) == 2
+
+
+def test_budget_matrix_and_budget_answer(tmp_path, capsys):
+    assert cli.main(["bench", "--matrix", "budget", "-o", str(tmp_path / "b")]) == 0
+    rows = json.loads((tmp_path / "b" / "budget.json").read_text())
+    cl = {r["budget_gib"]: r for r in rows if r["model"] == "codellama/CodeLlama-7b-hf"}
+    assert cl[4]["method"] is None and cl[8]["method"] == "qlora" and cl[24]["method"] in ("lora", "full")
+    assert all(r["predicted_peak_bytes"] <= r["budget_gib"] * 2**30 for r in rows if r["method"])
+    capsys.readouterr()
+    assert cli.main(["bench", "--budget", "8GB", "--device", "cuda", "--model", "codellama/CodeLlama-7b-hf",
+                     "--results", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert "qlora" in out and "predicted" in out and "pick: #1" in out
