@@ -19,8 +19,13 @@ def splice(readme: str, results: Path) -> str:
         name = m.group(1)
         f = results / f"{name}.md"
         if not f.is_file():
+            f = results / name / "report.md"  # a `qtrain bench` result directory
+        if not f.is_file():
             return m.group(0)
         body = re.sub(r"^# ", "### ", f.read_text().strip(), count=1)
+        # images are linked relative to their Markdown file; README sits at the repository root
+        where = f.parent.relative_to(ROOT).as_posix()
+        body = re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", lambda g: f"]({where}/{g.group(1)})", body)
         return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
 
     return re.sub(r"<!-- results:([\w.-]+) -->.*?<!-- /results:\1 -->", repl, readme, flags=re.S)

@@ -150,11 +150,13 @@ def test_bitnet_fit_checkpoint_resume_and_load(tmp_path, tiny_model_dir, code_di
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
 
 
-def test_ternary_gguf_uses_tq_types_where_rows_allow_and_reads_back_exactly(tmp_path, code_dir):
+@pytest.fixture(scope="module")
+def ternary_dir(tmp_path_factory, code_dir):
+    """A 1-layer BitNet model saved packed; hidden 256 so q/k/v/o/gate/up rows are one TQ block each."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from qtrain.export.gguf import export_gguf
+    tmp_path = tmp_path_factory.mktemp("ternary")
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -164,7 +166,6 @@ def test_ternary_gguf_uses_tq_types_where_rows_allow_and_reads_back_exactly(tmp_
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
-    # hidden 256: rows of q/k/v/o/gate/up are one TQ block; down_proj's rows (intermediate 96) are not
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, eos_token_id=fast.eos_token_id)
@@ -172,6 +173,14 @@ def test_ternary_gguf_uses_tq_types_where_rows_allow_and_reads_back_exactly(tmp_
     m = LlamaForCausalLM(cfg)
     bitnet.convert(m)
     bitnet.save_packed(m, fast, tmp_path / "bit", False, 1e-6)
+    return tmp_path / "bit", fast
+
+
+def test_ternary_gguf_uses_tq_types_where_rows_allow_and_reads_back_exactly(ternary_dir, tmp_path, code_dir):
+    from qtrain.export.gguf import export_gguf
+
+    bit_dir, fast = ternary_dir
+    (tmp_path / "bit").symlink_to(bit_dir)
     report = export_gguf(str(tmp_path / "bit"), tmp_path / "bit.gguf", data=str(code_dir), positions=128,
                          pre_tokenizer="gpt-2")
     assert report["outtype"] == "tq2_0"
@@ -192,6 +201,17 @@ def test_ternary_gguf_uses_tq_types_where_rows_allow_and_reads_back_exactly(tmp_
         export_onnx(str(tmp_path / "bit"), tmp_path / "onnx", ExportOptions(), say=lambda *_: None)
     with pytest.raises(ExportError, match=r"BitNet \(ternary\) runs only"):
         export_gguf(str(tiny_dir_of(tmp_path, fast)), tmp_path / "plain.gguf", outtype="tq2_0", pre_tokenizer="gpt-2")
+
+
+def test_ternary_gguf_runs_in_llama_cpp(ternary_dir, tmp_path, code_dir):
+    """llama.cpp itself (TQ2_0 kernels, 8-bit activations) against the PyTorch BitNet model."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    from qtrain.export.gguf import export_gguf
+
+    report = export_gguf(str(ternary_dir[0]), tmp_path / "bit.gguf", data=str(code_dir), positions=256,
+                         pre_tokenizer="gpt-2")
+    lc = report["verify"]["llama_cpp"]
+    assert lc["positions"] >= 200 and lc["next_token_agreement"] >= 0.9, lc
 
 
 def tiny_dir_of(tmp_path, tokenizer):

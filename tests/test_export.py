@@ -155,6 +155,16 @@ def test_gguf_round_trip_f32_is_exact_and_q8_0_is_close(lora_run, tmp_path, code
         export_gguf(str(lora_run), tmp_path / "m-q8.gguf")
 
 
+def test_gguf_q8_0_runs_in_llama_cpp(lora_run, tmp_path, code_dir):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    from qtrain.export.gguf import export_gguf
+
+    q8 = export_gguf(str(lora_run), tmp_path / "m-q8.gguf", outtype="q8_0", data=str(code_dir), positions=256,
+                     pre_tokenizer="gpt-2")
+    lc = q8["verify"]["llama_cpp"]
+    assert lc["positions"] >= 200 and lc["next_token_agreement"] >= 0.9, lc
+
+
 def test_gguf_refuses_an_unknown_pre_tokenizer(tiny_model_dir, tmp_path):
     from qtrain.export.gguf import export_gguf
 
