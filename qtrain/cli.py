@@ -128,7 +128,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"qtrain fit: evaluating {args.eval} before training ...", file=sys.stderr)
         before = run_eval(args.model, eval_opts, before_dir)
     fit(recipe, model=args.model, data=args.data, output=output, resume=args.resume, overwrite=args.overwrite,
-        skip_bad_lines=args.skip_bad_lines, extra_summary=extra, time_limit_s=time_limit)
+        skip_bad_lines=args.skip_bad_lines, extra_summary=extra, time_limit_s=time_limit,
+        # on a CPU the budget is also enforced at run time: resident memory above it backs the micro-batch off
+        memory_limit_bytes=extra.get("budget_bytes"))
     if args.eval:
         from qtrain.evaluate import compare
 

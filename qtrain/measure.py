@@ -31,6 +31,28 @@ def peak_rss_bytes() -> int:
     return rss if platform.system() == "Darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (VmRSS), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so RSS follows live memory again."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """The peak that matters on ``device``: CUDA allocator peak on a GPU, process peak RSS on a CPU."""
     if device.type == "cuda":

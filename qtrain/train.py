@@ -27,8 +27,8 @@ from qtrain.data.corpus import load_corpus
 from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
 from qtrain.io import atomic_write_json, make_tmp_dir
 from qtrain.loss import causal_lm_loss_sum, forward_loss_sum, fused_head
-from qtrain.measure import (bound_heap_retention, lr_at, machine_info, matmul_flops, mfu, peak_flops,
-                            peak_memory_bytes, tokens_per_second, train_flops_per_token)
+from qtrain.measure import (bound_heap_retention, current_rss_bytes, lr_at, machine_info, matmul_flops, mfu,
+                            peak_flops, peak_memory_bytes, tokens_per_second, train_flops_per_token, trim_heap)
 from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.plan import ASSUMED_MFU
@@ -257,14 +257,37 @@ def _print(accelerator, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+class _OverBudget(RuntimeError):
+    """The process's resident memory passed the memory limit during a step (CPU budgets)."""
+
+
+def halve_micro_batch(micro_batch: int, accum: int) -> tuple[int, int]:
+    """The next smaller micro-batch (the largest divisor of ``micro_batch`` up to half of it) and the accumulation
+    that keeps the effective batch: 8x1 -> 4x2, 6x2 -> 3x4, 3x4 -> 1x12."""
+    new = max(d for d in range(1, micro_batch // 2 + 1) if micro_batch % d == 0)
+    return new, accum * (micro_batch // new)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError, _OverBudget)) or \
+        (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
 def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, output: str | Path,
         resume: bool = False, overwrite: bool = False, skip_bad_lines: bool = False,
-        extra_summary: dict[str, Any] | None = None, time_limit_s: float | None = None) -> dict[str, Any]:
+        extra_summary: dict[str, Any] | None = None, time_limit_s: float | None = None,
+        memory_limit_bytes: int | None = None) -> dict[str, Any]:
     """Train ``recipe`` on ``data`` starting from ``model``; write the run to ``output``; return the summary.
 
     ``time_limit_s`` bounds the wall time of this call: after each step the run stops cleanly (checkpoint and
     summary) if another step, at the mean step time so far, would pass the limit, leaving room for the final
     evaluation and save.
+
+    Out of memory during a step (CUDA OOM, ``MemoryError``, or on a CPU resident memory above
+    ``memory_limit_bytes`` after a micro-step) backs off: the step's partial gradients are dropped, the micro-batch
+    halves and accumulation doubles (same sequences per step, same effective batch), and the same step runs
+    again; nothing trained before is lost. At micro-batch 1 there is nothing left to halve and the run stops with
+    a checkpoint and a message naming the knobs that need less memory.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -333,11 +356,23 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
 
     bit = recipe.method == "bitnet"
 
+    eval_batch = [recipe.micro_batch_size]
+
     def validate() -> float:
         if bit:  # the model that gets saved: fully ternary, whatever the warmup's strength is now
             from qtrain import bitnet
             bitnet.set_strength(unwrapped, 1.0)
-        return evaluate(net, packed.val_ids, packed.val_labels, recipe.micro_batch_size, accelerator, head, unwrapped)
+        while True:
+            try:
+                return evaluate(net, packed.val_ids, packed.val_labels, eval_batch[0], accelerator, head, unwrapped)
+            except Exception as exc:  # noqa: BLE001 - out of memory backs off like training; the rest re-raises
+                if not _is_oom(exc) or world > 1 or eval_batch[0] == 1:
+                    raise
+                eval_batch[0] = halve_micro_batch(eval_batch[0], 1)[0]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                trim_heap()
+                _print(accelerator, f"out of memory during validation; validating at micro-batch {eval_batch[0]}")
 
     # ---- resume
     recipe_dict = {**recipe.to_dict(), "_data_fingerprint": rep["fingerprint"]}
@@ -359,6 +394,12 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         save_recipe(recipe, run_dir / "recipe.yaml")
         atomic_write_json(run_dir / "data_report.json", rep)
 
+    micro_batch, accum = recipe.micro_batch_size, recipe.grad_accum_steps  # lowered by an out-of-memory back-off
+    backoffs: list[dict] = []
+    if resume and state.get("backoff"):
+        micro_batch, accum = state["backoff"]["micro_batch_size"], state["backoff"]["grad_accum_steps"]
+        backoffs = state["backoff"].get("history", [])
+        _print(accelerator, f"resuming with the backed-off micro-batch {micro_batch} x accumulation {accum}")
     start_step, session_train_s0 = step, train_seconds
     t_val = time.perf_counter()
     if val_before is None:
@@ -400,7 +441,9 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
             ckpt.save_checkpoint(run_dir, at_step, unwrapped, optimizer, scheduler,
                                  {**state_common, "train_seconds": train_seconds, "train_tokens": train_tokens,
                                   "horizon_steps": horizon["steps"],
-                                  "val_loss_before": val_before}, rngs)
+                                  "val_loss_before": val_before,
+                                  **({"backoff": {"micro_batch_size": micro_batch, "grad_accum_steps": accum,
+                                                  "history": backoffs}} if backoffs else {})}, rngs)
         if collective:
             accelerator.wait_for_everyone()
 
@@ -413,21 +456,46 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                     strength = bitnet.strength_at(step, recipe.bitnet_warmup_steps, horizon["steps"])
                     bitnet.set_strength(unwrapped, strength)
                 batches = []
-                for micro in range(recipe.grad_accum_steps):
-                    idx = sample_indices(step, micro, rank, world, recipe.micro_batch_size, recipe.grad_accum_steps,
-                                         n_seq, recipe.seed, perms)
+                for micro in range(accum):
+                    idx = sample_indices(step, micro, rank, world, micro_batch, accum, n_seq, recipe.seed, perms)
                     batches.append((packed.train_ids[idx], packed.train_labels[idx]))
                 window = torch.tensor([sum(count_target_tokens(y) for _, y in batches)], device=device)
                 window_global = int(accelerator.reduce(window, reduction="sum").item()) if world > 1 else int(window)
                 scale = loss_scale(window_global, world)
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for micro, (x, y) in enumerate(batches):
-                    last = micro == recipe.grad_accum_steps - 1
-                    with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(net):
-                        loss = forward_loss_sum(net, unwrapped, x.to(device), y.to(device), head)
-                        accelerator.backward(loss * scale)
-                    loss_sum += loss.detach().double()
-                    del loss
+                try:
+                    for micro, (x, y) in enumerate(batches):
+                        last = micro == accum - 1
+                        with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(net):
+                            loss = forward_loss_sum(net, unwrapped, x.to(device), y.to(device), head)
+                            accelerator.backward(loss * scale)
+                        loss_sum += loss.detach().double()
+                        del loss
+                        if memory_limit_bytes and device.type == "cpu" and current_rss_bytes() > memory_limit_bytes:
+                            raise _OverBudget(f"resident memory {current_rss_bytes() / 2**30:.2f} GiB is over the "
+                                              f"limit of {memory_limit_bytes / 2**30:.2f} GiB")
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raises
+                    if not _is_oom(exc) or world > 1:
+                        raise
+                    loss = None
+                    optimizer.zero_grad(set_to_none=True)
+                    batches = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    trim_heap()
+                    if micro_batch == 1:
+                        save(step, collective=False)
+                        raise RunError(f"out of memory at step {step + 1} with micro-batch 1 ({exc}); a checkpoint "
+                                       f"is saved in {run_dir}. Lower seq_len, set gradient_checkpointing=true, use "
+                                       "method=qlora or a smaller model, or give a larger budget; then --resume") from None
+                    micro_batch, accum = halve_micro_batch(micro_batch, accum)
+                    eval_batch[0] = min(eval_batch[0], micro_batch)
+                    backoffs.append({"step": step + 1, "micro_batch_size": micro_batch, "grad_accum_steps": accum,
+                                     "reason": f"{type(exc).__name__}: {str(exc)[:160]}"})
+                    _print(accelerator, f"out of memory at step {step + 1} ({type(exc).__name__}); backing off to "
+                                        f"micro-batch {micro_batch} x accumulation {accum} (same effective batch) and "
+                                        "running the step again")
+                    continue
                 grad_norm = None
                 if recipe.max_grad_norm > 0:
                     grad_norm = float(accelerator.clip_grad_norm_(params, recipe.max_grad_norm))
@@ -504,6 +572,8 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         "malloc_mmap_threshold_fixed": heap_bounded,
         "max_steps": recipe.max_steps, "planned_steps": horizon["steps"], "stopped_for_time": stopped_for_time,
         "time_limit_seconds": time_limit_s,
+        "memory_limit_bytes": memory_limit_bytes, "backoffs": backoffs,
+        "micro_batch_size_final": micro_batch, "grad_accum_steps_final": accum,
         "world_size": world, "device": str(device), "machine": machine_info(), "versions": _versions(),
         "data": {k: rep[k] for k in ("source", "format", "kept", "dropped", "train_sequences", "val_sequences")},
         **(extra_summary or {}),

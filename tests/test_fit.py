@@ -202,3 +202,36 @@ def test_paged_optimizer_needs_cuda(tmp_path, tiny_model_dir, code_dir):
 
     with pytest.raises(RecipeError, match="paged_adamw_8bit.*CUDA"):
         run(tmp_path, tiny_model_dir, code_dir, "optimizer=paged_adamw_8bit", steps=1)
+
+
+def test_out_of_memory_backs_off_the_micro_batch_and_keeps_the_data(tmp_path, tiny_model_dir, code_dir, monkeypatch):
+    from qtrain import train
+    from qtrain.train import halve_micro_batch
+
+    assert [halve_micro_batch(8, 1), halve_micro_batch(6, 2), halve_micro_batch(3, 4)] == [(4, 2), (3, 4), (1, 12)]
+    straight, _ = run(tmp_path, tiny_model_dir, code_dir, "micro_batch_size=1", "grad_accum_steps=4", "lora_dropout=0",
+                      name="mb1", steps=3)
+    real = train.forward_loss_sum
+    calls = {"n": 0}
+
+    def oom_on_big_batches(net, unwrapped, x, y, head):
+        if x.shape[0] > 1:
+            calls["n"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(net, unwrapped, x, y, head)
+
+    monkeypatch.setattr(train, "forward_loss_sum", oom_on_big_batches)
+    backed, out = run(tmp_path, tiny_model_dir, code_dir, "micro_batch_size=4", "grad_accum_steps=1", "lora_dropout=0",
+                      name="mb4", steps=3)
+    assert calls["n"] == 4  # validation 4 -> 2 -> 1, then training 4 -> 2 -> 1 at step 1; later steps start there
+    assert [(b["micro_batch_size"], b["grad_accum_steps"]) for b in backed["backoffs"]] == [(2, 2), (1, 4)]
+    assert backed["micro_batch_size_final"] == 1 and backed["steps"] == 3
+    # the same sequences per step as a run that used micro-batch 1 from the start
+    assert backed["val_loss_after"] == pytest.approx(straight["val_loss_after"], abs=1e-5)
+
+
+def test_out_of_memory_at_micro_batch_1_stops_with_a_checkpoint_and_the_way_out(tmp_path, tiny_model_dir, code_dir):
+    recipe = load_recipe(None, TINY + ["max_steps=3", "micro_batch_size=2", "grad_accum_steps=1"])
+    with pytest.raises(RunError, match="out of memory at step 1 with micro-batch 1.*gradient_checkpointing=true"):
+        fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "r", memory_limit_bytes=1)
+    assert (tmp_path / "r" / "checkpoints" / "latest").is_file()
