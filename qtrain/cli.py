@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from qtrain.export.onnx import ExportOptions, export_onnx, render_report
 
         opts = ExportOptions(int8=args.int8, int4=args.int4, int4_block_size=args.block_size,
-                             int4_head_bits=args.int4_head_bits,
+                             int4_head_bits=args.int4_head_bits, int4_method=args.int4_method,
                              int4_accuracy_level=args.accuracy_level, quantize_lm_head=not args.keep_lm_head,
                              min_agreement=_parse_agreement(args.min_agreement), data=args.data,
                              speed=not args.no_speed, threads=args.threads)
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                      help="int4 MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")
     exp.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32 when quantizing")
+    exp.add_argument("--int4-method", default="gptq", choices=["gptq", "rtn"],
+                     help="int4 rounding: GPTQ on calibration code (default) or onnxruntime's round-to-nearest")
     exp.add_argument("--int4-head-bits", type=int, default=8, choices=[4, 8], help="LM head precision in the int4 export")
     exp.add_argument("--min-agreement", action="append", metavar="[FORMAT=]FRACTION",
                      help="greedy next-token agreement below which a format fails (default fp32=0.99, int8=0.95, "

@@ -44,6 +44,8 @@ class ExportOptions:
     int4_block_size: int = 32
     int4_accuracy_level: int = 4
     int4_head_bits: int = 8  # the LM head at 8 bits: measured +24% perplexity either way, but 74% vs 71% agreement
+    int4_method: str = "gptq"  # or "rtn" (onnxruntime's round-to-nearest); see qtrain/export/gptq.py
+    int4_calibration_sequences: int = 64
     int8_block_size: int = 32
     int8_accuracy_level: int = 4  # int8 activations per block: level 0 (fp32) decoded at 11 tok/s here, level 4 at 78
     quantize_lm_head: bool = True
@@ -371,6 +373,15 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
             formats["int4"] = {"dir": "int4", **quantize(tmp, tmp / "int4", 4, opts.int4_block_size,
                                                          opts.int4_accuracy_level, opts.quantize_lm_head,
                                                          head_bits=opts.int4_head_bits)}
+            if opts.int4_method == "gptq":
+                from qtrain.export.gptq import apply_gptq, calibration_sequences
+
+                say(f"GPTQ for the 4-bit layers ({opts.int4_calibration_sequences} calibration sequences of "
+                    "training-split code) ...")
+                calib = calibration_sequences(tok, opts.data, opts.int4_calibration_sequences)
+                formats["int4"]["gptq"] = apply_gptq(tmp / "model.onnx", tmp / "int4" / "model.onnx", model, calib,
+                                                     opts.int4_block_size)
+            formats["int4"]["method"] = opts.int4_method
         say(f"checking parity on held-out code ({opts.positions} positions) and {len(PROMPTS)} greedy prompts ...")
         seqs = heldout_sequences(tok, opts.data, opts.positions)
         ref_out = reference(model, tok, seqs, opts)
