@@ -140,7 +140,8 @@ class Engine:
 
             from qtrain.infer import OnnxDecoder
 
-            self.decoder = OnnxDecoder(Path(loaded.info["path"]), threads)
+            # reuse the session ORTModelForCausalLM already holds (a second one would double the memory)
+            self.decoder = OnnxDecoder(Path(loaded.info["path"]), threads, session=getattr(loaded.model, "session", None))
 
     @property
     def is_chat(self) -> bool:

@@ -235,6 +235,22 @@ def test_bad_requests_get_openai_shaped_4xx(loaded_tiny):
         "fetch(")[0]  # no external assets
 
 
+def test_onnx_backend_serves_the_same_greedy_text(loaded_tiny, tiny_model_dir, code_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from qtrain.export.onnx import ExportOptions, export_onnx
+    from qtrain.infer import load_for_inference
+
+    export_onnx(str(tiny_model_dir), tmp_path / "onnx", ExportOptions(positions=256, gen_tokens=4, data=str(code_dir),
+                                                                     speed=False), say=lambda *_: None)
+    onnx_loaded = load_for_inference(str(tmp_path / "onnx"), threads=1)
+    body = {"prompt": "def main():\n", "max_tokens": 12, "temperature": 0}
+    a = _client(loaded_tiny).post("/v1/completions", json=body).json()
+    c = _client(onnx_loaded)
+    b = c.post("/v1/completions", json=body).json()
+    assert c.get("/health").json()["backend"] == "onnx"
+    assert b["choices"][0]["text"] == a["choices"][0]["text"] and b["usage"] == a["usage"]
+
+
 def test_api_key_is_required_when_set(loaded_tiny):
     c = _client(loaded_tiny, api_key="s3cret")
     body = {"prompt": "x", "max_tokens": 2}
