@@ -68,7 +68,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
 
 
 class CompletionRequest(_Request):
@@ -320,8 +320,8 @@ def create_app(loaded: Loaded, cfg: ServeConfig, threads: int | None = None):
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows 1 to {cfg.max_tokens} "
                                 "(qtrain serve --max-tokens)", param="max_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"at most 4 stop sequences, got {len(stop)}", param="stop")
+        if len(stop) > 4 or any(len(x) > 256 for x in stop):
+            raise APIError(400, f"at most 4 stop sequences of up to 256 characters, got {len(stop)}", param="stop")
         return max_tokens, stop
 
     def make_job(text: str, req: _Request, max_tokens: int, stop: list[str], param: str) -> Job:

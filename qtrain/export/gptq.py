@@ -79,18 +79,25 @@ def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, 
 
 
 def collect_hessians(model: nn.Module, seqs: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """H = sum over calibration tokens of x x^T for the input of each named linear layer (fp64)."""
+    """H = sum over calibration tokens of x x^T for the input of each named linear layer (fp64 totals of fp32
+    per-sequence products). Layers fed the same tensor (q/k/v, gate/up) share one product."""
     mods = dict(model.named_modules())
     hs: dict[str, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}  # this sequence's products by input tensor
     hooks = []
     for n in names:
         def hook(_m, args, n=n):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            hs[n] = hs.get(n, 0) + x.T @ x
+            x = args[0].detach()
+            key = x.data_ptr()
+            if key not in seen:
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                seen[key] = (x2.T @ x2).double()
+            hs[n] = hs[n] + seen[key] if n in hs else seen[key].clone()
         hooks.append(mods[n].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for i in range(len(seqs)):
+                seen.clear()
                 model(input_ids=seqs[i:i + 1], use_cache=False)
     finally:
         for hk in hooks:
