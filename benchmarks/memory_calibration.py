@@ -65,11 +65,15 @@ def worker(spec: dict, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--repredict", action="store_true", help="recompute the predictions of the saved measurements")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker), Path(args.out))
+        return
+    if args.repredict:
+        render(repredict(json.loads((RESULTS / "memory_calibration.json").read_text())))
         return
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -102,20 +106,58 @@ def main() -> None:
     for r in rows:
         if r.get("model") and "tiny" in r["label"]:
             r["model"] = "tiny-llama"
-    from qtrain.io import atomic_write_json, atomic_write_text
     from qtrain.measure import machine_info
 
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    ok = [r for r in rows if "error" not in r]
+    git = _git()
     result = {"benchmark": "memory_calibration", "git": git, "machine": machine_info(), "rows": rows,
-              "within_10pct": sum(abs(r["error_pct"]) <= 10 for r in ok), "under_by_more_than_5pct":
-              sum(r["error_pct"] < -5 for r in ok), "variants": len(rows),
               "command": "python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")}
+    render(result)
+
+
+def _git() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+TINY_CONFIG = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 256, "intermediate_size": 768,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+
+
+def repredict(result: dict) -> dict:
+    """The same measurements against the current planner (predictions need only configs, not a rerun)."""
+    from qtrain.plan import model_shape, predict
+    from qtrain.recipe import load_recipe
+    from qtrain.shapes import shape_from_config
+
+    for r in result["rows"]:
+        if "error" in r:
+            continue
+        shape = shape_from_config(TINY_CONFIG, "tiny-llama") if r["model"] == "tiny-llama" else model_shape(None)
+        recipe = load_recipe(None, [f"method={r['method']}", f"gradient_checkpointing={r['gc']}", f"seq_len={r['seq']}",
+                                    f"micro_batch_size={r['mb']}", "grad_accum_steps=1"])
+        pred = predict(shape, recipe, "cpu")
+        r["predicted_peak_bytes"], r["terms"] = pred.peak_bytes, pred.terms
+        r["error_pct"] = round(100 * (pred.peak_bytes / r["measured_peak_bytes"] - 1), 1)
+    result["git_predicted"] = _git()
+    return result
+
+
+def render(result: dict) -> None:
+    from qtrain.io import atomic_write_json, atomic_write_text
+
+    rows = result["rows"]
+    ok = [r for r in rows if "error" not in r]
+    result["within_10pct"] = sum(abs(r["error_pct"]) <= 10 for r in ok)
+    result["under_by_more_than_5pct"] = sum(r["error_pct"] < -5 for r in ok)
+    result["variants"] = len(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "memory_calibration.json", result)
-    m = result["machine"]
+    m, git = result["machine"], result["git"]
+    pred_note = (f" Predictions from the planner at git {result['git_predicted']} (`--repredict`: the measurements "
+                 "are unchanged, predictions need only configs)." if result.get("git_predicted") else "")
     lines = ["# Predicted vs measured peak memory (CPU, peak RSS of the whole process, 2 optimizer steps)", "",
-             f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}; git {git}. Reproduce: `{result['command']}`. "
+             f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}; measured at git {git}. Reproduce: "
+             f"`{result['command']}`.{pred_note} "
              f"{result['within_10pct']} of {len(ok)} variants within +-10%; {result['under_by_more_than_5pct']} "
              "under-predicted by more than 5%.", "",
              "| model | method | checkpointing | seq | micro-batch | predicted (GiB) | measured (GiB) | error |",
