@@ -315,16 +315,4 @@ def _pick(logits, temperature: float, top_p: float, rng) -> int:
 
 def torch_decode(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None) -> Iterator[int]:
     """The same lean greedy loop for a PyTorch model (forward with its KV cache, argmax), for fair timing."""
-    import torch
-
-    ids = torch.tensor([prompt_ids])
-    past = None
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            yield token
-            if eos_ids and token in eos_ids:
-                return
-            ids = torch.tensor([[token]])
+    yield from torch_tokens(model, prompt_ids, max_new_tokens, eos_ids)
