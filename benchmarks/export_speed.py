@@ -49,14 +49,21 @@ def main() -> None:
     t = time.perf_counter()
     report = export_onnx(str(run), work / "onnx", opts, overwrite=True)
     export_s = time.perf_counter() - t
-    gguf = None
+    g = export_gguf(str(run), work / "model-q8_0.gguf", outtype="q8_0", overwrite=True)
+    gguf = {"bytes": g["bytes"], "verify": g["verify"], "pre_tokenizer": g["pre_tokenizer"]}
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        gguf = {"note": "llama-cpp-python is not installed here (building it compiles llama.cpp, ~7 min); the GGUF "
-                        "q8_0 file was written and verified with transformers' GGUF loader, but not timed"}
-    g = export_gguf(str(run), work / "model-q8_0.gguf", outtype="q8_0", overwrite=True)
-    gguf = {**(gguf or {}), "bytes": g["bytes"], "verify": g["verify"], "pre_tokenizer": g["pre_tokenizer"]}
+        gguf["note"] = ("llama-cpp-python is not installed here (building it compiles llama.cpp, ~10 min); the GGUF "
+                        "q8_0 file was written and verified with transformers' GGUF loader, but not timed")
+    else:  # llama.cpp's own speed, in its own process like the others, same prompt and threads
+        threads = report["speed"]["pytorch"].get("threads", 2)
+        proc = subprocess.run([sys.executable, "-m", "qtrain.export.speed", str(work / "model-q8_0.gguf"),
+                               "--threads", str(threads)], capture_output=True, text=True, cwd=ROOT)
+        gguf["speed"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                         {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+        gguf["note"] = (f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (built here from source), the "
+                        "same lean greedy loop (eval one token, argmax)")
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
     result = {"benchmark": "export_speed", "git": git, "machine": machine_info(), "lora_steps": args.steps,
@@ -102,13 +109,24 @@ def render(result: dict) -> None:
                      f"{s['peak_rss_bytes'] / 2**30:.2f} | {p['next_token_agreement']:.2%} | {p['perplexity']:.3f} "
                      f"({p['perplexity_rel_change']:+.2%}) | {p['greedy_equal']}/{p['greedy_prompts']} |")
     v = gguf["verify"]
-    lines.append(f"| GGUF q8_0 (read back by transformers) | {gguf['bytes'] / 1e6:.0f} | not timed | - | - | - | - | - | "
-                 f"{v['next_token_agreement']:.2%} | {v['perplexity']:.3f} ({v['perplexity'] / v['perplexity_pytorch'] - 1:+.2%}, "
+    gs = gguf.get("speed") or {}
+    lc = v.get("llama_cpp") if isinstance(v.get("llama_cpp"), dict) else None
+    agree = (f"{lc['next_token_agreement']:.2%} (llama.cpp), {v['next_token_agreement']:.2%} (read back by transformers)"
+             if lc else f"{v['next_token_agreement']:.2%} (read back by transformers)")
+    timing = (f"{gs['decode_tokens_per_second']:.1f} | {gs['decode_tokens_per_second'] / base:.2f}x | - | "
+              f"{gs['prefill_512_ms']:.0f} | {gs['load_seconds']:.2f} | {gs['peak_rss_bytes'] / 2**30:.2f}"
+              if "decode_tokens_per_second" in gs else "not timed | - | - | - | - | -")
+    lines.append(f"| GGUF q8_0 ({'llama.cpp' if gs else 'not run'}) | {gguf['bytes'] / 1e6:.0f} | {timing} | {agree} | "
+                 f"{v['perplexity']:.3f} ({v['perplexity'] / v['perplexity_pytorch'] - 1:+.2%}, transformers read-back, "
                  f"{v['positions']} positions) | - |")
     lines += ["", f"int8 = MatMulNBits 8-bit, block {report['formats']['int8']['block_size']}, accuracy level "
               f"{report['formats']['int8']['accuracy_level']}; int4 = MatMulNBits 4-bit, block "
               f"{report['formats']['int4']['block_size']}, accuracy level {report['formats']['int4']['accuracy_level']}; "
-              f"LM head quantized: {report['formats']['int4']['lm_head_quantized']}. GGUF: {gguf.get('note', '')}"]
+              f"LM head quantized: {report['formats']['int4']['lm_head_quantized']}; int4 rounding: "
+              f"{report['formats']['int4'].get('method', 'rtn')}"
+              + (f" (output error {report['formats']['int4']['gptq']['output_error_vs_rtn']:.2f}x round-to-nearest's on "
+                 f"{report['formats']['int4']['gptq']['calibration_tokens']:,} calibration tokens of training-split code)"
+                 if report['formats']['int4'].get('gptq') else "") + f". GGUF: {gguf.get('note', '')}."]
     atomic_write_text(RESULTS / "export_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
