@@ -83,16 +83,18 @@ def collect_hessians(model: nn.Module, seqs: torch.Tensor, names: list[str]) -> 
     per-sequence products). Layers fed the same tensor (q/k/v, gate/up) share one product."""
     mods = dict(model.named_modules())
     hs: dict[str, torch.Tensor] = {}
-    seen: dict[int, torch.Tensor] = {}  # this sequence's products by input tensor
+    seen: dict[int, tuple] = {}  # this sequence's (input, product) by input address
     hooks = []
     for n in names:
         def hook(_m, args, n=n):
             x = args[0].detach()
             key = x.data_ptr()
-            if key not in seen:
+            if key not in seen or seen[key][0] is not x:
                 x2 = x.reshape(-1, x.shape[-1]).float()
-                seen[key] = (x2.T @ x2).double()
-            hs[n] = hs[n] + seen[key] if n in hs else seen[key].clone()
+                # the input is kept referenced, so its address cannot be reused by another tensor this forward
+                seen[key] = (x, (x2.T @ x2).double())
+            prod = seen[key][1]
+            hs[n] = hs[n] + prod if n in hs else prod.clone()
         hooks.append(mods[n].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
