@@ -24,7 +24,8 @@ def splice(readme: str, results: Path) -> str:
             return m.group(0)
         body = re.sub(r"^# ", "### ", f.read_text().strip(), count=1)
         # images are linked relative to their Markdown file; README sits at the repository root
-        where = f.parent.relative_to(ROOT).as_posix()
+        where = f.parent.resolve()
+        where = where.relative_to(ROOT).as_posix() if where.is_relative_to(ROOT) else where.as_posix()
         body = re.sub(r"\]\((?!https?:|/)([^)]+\.png)\)", lambda g: f"]({where}/{g.group(1)})", body)
         return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
 
