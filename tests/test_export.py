@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,20 @@ def test_gptq_beats_round_to_nearest_on_matmulnbits_grid():
     g = w.reshape(48, 4, 32)
     big = g.abs().argmax(-1, keepdim=True)
     torch.testing.assert_close(torch.gather(d, -1, big), torch.gather(g, -1, big))
+
+
+def test_rtn_grid_is_onnxruntimes_bit_for_bit_on_bf16_weights():
+    # bf16-valued weights (as SmolLM2's) make ties common: |min| == max in a block, and w/scale exactly x.5
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from qtrain.export.gptq import rtn_grid, unpack
+
+    k, n, block = 256, 96, 32
+    w = (torch.randn(k, n, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16().float().numpy()
+    packed = np.zeros((n, k // block, block // 2), dtype=np.uint8)
+    scales = np.zeros(n * (k // block), dtype=np.float32)
+    zero_points = np.zeros(n * ((k // block + 1) // 2), dtype=np.uint8)
+    quantize_matmul_4bits(packed, w, scales, zero_points, block, n, k, True)
+    codes, ours = rtn_grid(torch.from_numpy(w.T.copy()), block)
+    assert np.array_equal(ours.numpy(), scales.reshape(n, k // block))
+    assert np.array_equal(unpack(packed, n, k), codes.numpy())

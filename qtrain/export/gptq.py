@@ -24,13 +24,16 @@ from torch import nn
 
 
 def rtn_grid(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes 0..15 as uint8 [rows, cols], scales [rows, cols/block]) by round-to-nearest on MatMulNBits' grid."""
+    """(codes 0..15 as uint8 [rows, cols], scales [rows, cols/block]) by round-to-nearest on MatMulNBits' grid,
+    bit for bit as onnxruntime's MLAS quantizer makes them (checked against ``quantize_matmul_4bits`` on
+    bf16-valued weights, where ties are common): the scale is the signed extreme / -8, the negative one when
+    |min| == max; codes are roundf(w * (1/scale) + 8), i.e. halves round up, clamped to 0..15."""
     rows, cols = w.shape
     g = w.reshape(rows, cols // block, block)
-    idx = g.abs().argmax(-1, keepdim=True)
-    scale = torch.gather(g, -1, idx).squeeze(-1) / -8.0
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(g / safe.unsqueeze(-1)) + 8, 0, 15)
+    hi, lo = g.amax(-1), g.amin(-1)
+    scale = torch.where(lo.abs() >= hi.abs(), lo, hi) / -8.0
+    recip = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    q = torch.clamp(torch.floor(g * recip.unsqueeze(-1) + 8.0 + 0.5), 0, 15)
     return q.reshape(rows, cols).to(torch.uint8), scale
 
 
