@@ -7,6 +7,10 @@ process, minus nothing). The prediction comes from `qtrain.plan.predict` on the 
 Writes benchmarks/results/memory_calibration.{json,md}.
 
     python benchmarks/memory_calibration.py [--quick]
+    python benchmarks/memory_calibration.py --repeat lora,on,512,1 --times 3   # one default-model variant, 3 times
+
+``--repeat`` measures the run-to-run spread of one variant (glibc's heap makes peak RSS vary between identical
+runs) and writes benchmarks/results/memory_repeats.{json,md} without touching the main table.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny model only")
     ap.add_argument("--repredict", action="store_true", help="recompute the predictions of the saved measurements")
+    ap.add_argument("--repeat", metavar="METHOD,CKPT,SEQ,MB", help="one default-model variant, e.g. lora,on,512,1")
+    ap.add_argument("--times", type=int, default=3)
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -74,6 +80,9 @@ def main() -> None:
         return
     if args.repredict:
         render(repredict(json.loads((RESULTS / "memory_calibration.json").read_text())))
+        return
+    if args.repeat:
+        repeat(args.repeat, args.times)
         return
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -85,24 +94,7 @@ def main() -> None:
             for method, gc, (seq, mb) in itertools.product(("full", "lora", "qlora"), (False, True),
                                                           ((256, 4), (512, 1))):
                 variants.append({"model": None, "label": "SmolLM2-135M", "method": method, "gc": gc, "seq": seq, "mb": mb})
-        for spec in variants:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                out = Path(f.name)
-            t = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec), "--out", str(out)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0 or not out.read_text():
-                rows.append({**spec, "error": proc.stderr[-1500:]})
-                print(f"{spec['label']} {spec['method']} gc={spec['gc']} seq={spec['seq']} mb={spec['mb']}: FAILED "
-                      f"{proc.stderr[-500:]}", file=sys.stderr)
-                continue
-            row = json.loads(out.read_text())
-            out.unlink()
-            row["error_pct"] = round(100 * (row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1), 1)
-            rows.append(row)
-            print(f"{spec['label']} {spec['method']} gc={spec['gc']} seq={spec['seq']} mb={spec['mb']}: predicted "
-                  f"{row['predicted_peak_bytes'] / 2**30:.3f} GiB, measured {row['measured_peak_bytes'] / 2**30:.3f} GiB "
-                  f"({row['error_pct']:+.1f}%) [{time.time() - t:.0f} s]", file=sys.stderr)
+        rows = [measure(spec) for spec in variants]
     for r in rows:
         if r.get("model") and "tiny" in r["label"]:
             r["model"] = "tiny-llama"
@@ -112,6 +104,57 @@ def main() -> None:
     result = {"benchmark": "memory_calibration", "git": git, "machine": machine_info(), "rows": rows,
               "command": "python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")}
     render(result)
+
+
+def measure(spec: dict) -> dict:
+    """One variant in a fresh process: its row, or the spec with the error."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    t = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec), "--out", str(out)],
+                          capture_output=True, text=True)
+    name = f"{spec['label']} {spec['method']} gc={spec['gc']} seq={spec['seq']} mb={spec['mb']}"
+    if proc.returncode != 0 or not out.read_text():
+        print(f"{name}: FAILED {proc.stderr[-500:]}", file=sys.stderr)
+        return {**spec, "error": proc.stderr[-1500:]}
+    row = json.loads(out.read_text())
+    out.unlink()
+    row["error_pct"] = round(100 * (row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1), 1)
+    print(f"{name}: predicted {row['predicted_peak_bytes'] / 2**30:.3f} GiB, measured "
+          f"{row['measured_peak_bytes'] / 2**30:.3f} GiB ({row['error_pct']:+.1f}%) [{time.time() - t:.0f} s]",
+          file=sys.stderr)
+    return row
+
+
+def repeat(variant: str, times: int) -> None:
+    from qtrain.io import atomic_write_json, atomic_write_text
+    from qtrain.measure import machine_info
+
+    try:
+        method, gc, seq, mb = variant.split(",")
+        spec = {"model": None, "label": "SmolLM2-135M", "method": method, "gc": gc in ("on", "true", "1"),
+                "seq": int(seq), "mb": int(mb)}
+    except ValueError:
+        raise SystemExit(f"--repeat {variant!r}: expected METHOD,CKPT,SEQ,MB such as lora,on,512,1")
+    rows = [measure(spec) for _ in range(times)]
+    path = RESULTS / "memory_repeats.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "memory_repeats", "variants": {}}
+    result["machine"] = machine_info()
+    result["variants"][variant] = {"git": _git(), "command": f"python benchmarks/memory_calibration.py --repeat "
+                                   f"{variant} --times {times}", "rows": rows}
+    atomic_write_json(path, result)
+    lines = ["# Run-to-run spread of peak RSS (identical runs, each in a fresh process)", "",
+             f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores).", "",
+             "| variant (default model) | git | predicted (GiB) | measured, each run (GiB) | spread |", "|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        ok = [r for r in v["rows"] if "error" not in r]
+        if not ok:
+            continue
+        meas = [r["measured_peak_bytes"] / 2**30 for r in ok]
+        lines.append(f"| {name} | {v['git']} | {ok[0]['predicted_peak_bytes'] / 2**30:.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in meas)} | {100 * (max(meas) / min(meas) - 1):.1f}% |")
+    atomic_write_text(RESULTS / "memory_repeats.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _git() -> str:
