@@ -132,7 +132,8 @@ def main() -> None:
     per = [int(x) for x in args.requests_per_client.split(",")]
     onnx = Path(args.onnx_dir) if args.onnx_dir else Path(tempfile.mkdtemp(prefix="qtrain-serve-bench-")) / "onnx"
     if not (onnx / "int8" / "model.onnx").is_file():
-        subprocess.run([sys.executable, "-m", "qtrain", "export", "--onnx", "--int8", "-o", str(onnx), "--overwrite"],
+        subprocess.run([sys.executable, "-m", "qtrain", "export", "--onnx", "--int8", "-o", str(onnx), "--overwrite",
+                        "--no-speed"],
                        cwd=ROOT, check=True)
     backends = {}
     for name, model in (("PyTorch fp32", None), ("ONNX int8", str(onnx / "int8"))):
