@@ -357,6 +357,20 @@ def render_report(rows: list[dict], output: Path, title: str, command: str) -> s
     return text
 
 
+def _label(ax, points: list[tuple[str, float, float]]) -> None:
+    """Name each point, moving a label down a line where it would overprint one already placed."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the limits, so data -> pixel is final
+    placed: list[tuple[float, float]] = []
+    for name, x, y in sorted(points, key=lambda p: -p[2]):
+        px, py = ax.transData.transform((x, y))
+        dy = 3.0
+        while any(abs(px - qx) < 70 and abs(py + dy - qy) < 9 for qx, qy in placed):
+            dy -= 9.0
+        placed.append((px, py + dy))
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, dy), textcoords="offset points")
+
+
 def plot_rows(rows: list[dict], output: Path) -> list[Path]:
     if not rows:
         return []
@@ -372,8 +386,6 @@ def plot_rows(rows: list[dict], output: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in rows:
         ax.scatter(r["tokens_per_second"], r["peak_memory_bytes"] / 2**30, s=40)
-        ax.annotate(r["name"], (r["tokens_per_second"], r["peak_memory_bytes"] / 2**30), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
     top = max(r["peak_memory_bytes"] for r in rows) / 2**30
     ax.set_xlim(left=0, right=max(r["tokens_per_second"] for r in rows) * 1.25)
     ax.set_ylim(bottom=0, top=max(top * 1.15, min(b for b in (2, 4, 8, 16, 24, 48, 80) if b > top) * 1.05))
@@ -381,6 +393,7 @@ def plot_rows(rows: list[dict], output: Path) -> list[Path]:
         if b <= ax.get_ylim()[1]:
             ax.axhline(b, color="grey", lw=0.8, ls="--")
             ax.text(ax.get_xlim()[0], b, f" {b} GB budget", va="bottom", fontsize=7, color="grey")
+    _label(ax, [(r["name"], r["tokens_per_second"], r["peak_memory_bytes"] / 2**30) for r in rows])
     ax.set_xlabel("training throughput (tokens/s)")
     ax.set_ylabel("measured peak memory (GiB)")
     ax.set_title("Peak memory vs throughput per recipe")
@@ -403,11 +416,17 @@ def plot_rows(rows: list[dict], output: Path) -> list[Path]:
         # 3. validation loss vs energy
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for r in energy:
-            x = r["energy"]["kwh"] * 1000
-            ax.scatter(x, r["val_loss_after"], s=40)
-            ax.annotate(r["name"], (x, r["val_loss_after"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.scatter(r["energy"]["kwh"] * 1000, r["val_loss_after"], s=40)
+        losses = [r["val_loss_after"] for r in energy]
+        if min(losses) > 0 and max(losses) / min(losses) > 3:
+            ax.set_yscale("log")  # one diverged recipe would flatten the rest
+            from matplotlib.ticker import FormatStrFormatter
+
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        _label(ax, [(r["name"], r["energy"]["kwh"] * 1000, r["val_loss_after"]) for r in energy])
         ax.set_xlabel(f"energy of the run (Wh){est}")
-        ax.set_ylabel("validation loss after the run (nats/token)")
+        ax.set_ylabel("validation loss after the run (nats/token)" + (", log scale" if ax.get_yscale() == "log" else ""))
         ax.set_title("Validation loss vs energy")
         ax.grid(alpha=0.3)
         fig.tight_layout()
