@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -218,8 +219,12 @@ def _git() -> str:
 
 
 def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, data: str | None = None,
-               country: str = "USA", say=print) -> list[dict]:
-    """Run every row not yet finished in ``output``; returns all rows (finished, failed) in matrix order."""
+               country: str = "USA", say=print, keep_runs: bool = False) -> list[dict]:
+    """Run every row not yet finished in ``output``; returns all rows (finished, failed) in matrix order.
+
+    A row's run directory keeps its summary and metrics; its weights and checkpoints are deleted once the row
+    is recorded (a row is a measurement, not a model: a methods matrix otherwise leaves ~8 GB), unless
+    ``keep_runs``."""
     from qtrain.io import atomic_write_json
 
     if steps <= 0:
@@ -264,7 +269,20 @@ def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, 
             say(f"    FAILED: {result['error']}")
         atomic_write_json(path, result)
         results.append(result)
+        if not keep_runs and result.get("status") == "ok":
+            drop_weights(Path(spec["run_dir"]))
     return results
+
+
+def drop_weights(run_dir: Path) -> None:
+    """Delete the model files of a bench row's run (checkpoints, weights, exports); keep its small records."""
+    if not run_dir.is_dir():
+        return
+    for sub in ("checkpoints", "onnx"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    for f in run_dir.iterdir():
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf", ".onnx", ".onnx_data", ".pt"):
+            f.unlink()
 
 
 def load_rows(output: Path) -> list[dict]:

@@ -187,6 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         opts = ExportOptions(int8=args.int8, int4=args.int4, int4_block_size=args.block_size,
                              int4_head_bits=args.int4_head_bits, int4_method=args.int4_method,
+                             int4_symmetric=not args.int4_asymmetric, int4_act_order=not args.int4_no_act_order,
                              int4_accuracy_level=args.accuracy_level, quantize_lm_head=not args.keep_lm_head,
                              min_agreement=_parse_agreement(args.min_agreement), data=args.data,
                              speed=not args.no_speed, threads=args.threads)
@@ -261,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         name = Path(args.matrix).stem
         out = Path(args.output or f"runs/bench-{name}")
         rows = bench.run_matrix(args.matrix, out, args.steps, model=args.model, data=args.data, country=args.country,
-                                say=lambda m: print(m, flush=True))
+                                say=lambda m: print(m, flush=True), keep_runs=args.keep_runs)
         command = f"qtrain bench --matrix {args.matrix} --steps {args.steps}"
         print(bench.render_report(rows, out, f"qtrain bench: {name} matrix", command))
         failed = [r["name"] for r in rows if r.get("status") != "ok"]
@@ -410,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32 when quantizing")
     exp.add_argument("--int4-method", default="gptq", choices=["gptq", "rtn"],
                      help="int4 rounding: GPTQ on calibration code (default) or onnxruntime's round-to-nearest")
+    exp.add_argument("--int4-asymmetric", action="store_true",
+                     help="int4 with a zero point per block (MatMulNBits' asymmetric grid) instead of symmetric")
+    exp.add_argument("--int4-no-act-order", action="store_true",
+                     help="GPTQ left to right instead of the inputs with the most energy first")
     exp.add_argument("--int4-head-bits", type=int, default=8, choices=[4, 8], help="LM head precision in the int4 export")
     exp.add_argument("--min-agreement", action="append", metavar="[FORMAT=]FRACTION",
                      help="greedy next-token agreement below which a format fails (default fp32=0.99, int8=0.95, "
@@ -454,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--results", nargs="+", help="bench result directories to take measured figures from (--budget)")
     ben.add_argument("-o", "--output", help="result directory (default: runs/bench-MATRIX); rerunning resumes it")
     ben.add_argument("--report", metavar="DIR", help="redraw the tables and plots of a result directory")
+    ben.add_argument("--keep-runs", action="store_true",
+                     help="keep each row's trained weights in OUTPUT/runs (default: only its summary and metrics)")
     ben.add_argument("--country", default="USA", help="ISO code of the grid whose carbon intensity CodeCarbon uses")
     ben.set_defaults(func=cmd_bench)
 

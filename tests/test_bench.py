@@ -56,6 +56,9 @@ def test_matrix_runs_rows_keeps_failures_resumes_and_reports(tmp_path, tiny_mode
     report = (out / "report.md").read_text()
     assert "| lora | lora |" in report and "FAILED" in report and "memory_vs_throughput.png" in report
     assert (out / "memory_vs_throughput.png").stat().st_size > 10_000 and (out / "energy_per_mtok.png").is_file()
+    # a row is a measurement: its run keeps the summary, not the weights
+    run = out / "runs" / "lora"
+    assert (run / "summary.json").is_file() and not list(run.glob("*.safetensors")) and not (run / "checkpoints").exists()
 
     # rerun: finished rows are kept as they were, the failed one is tried again (and fails again)
     before = (out / "rows" / "lora.json").read_text()
