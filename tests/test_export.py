@@ -105,10 +105,12 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, monkeypatch
 def test_cli_fails_loudly_below_the_agreement_threshold(lora_run, tmp_path, code_dir, capsys):
     out = tmp_path / "strict"
     args = ["export", str(lora_run), "--onnx", "--int4", "--no-speed", "--data", str(code_dir), "-o", str(out),
-            "--min-agreement", "int4=1.0", "--block-size", "16"]
+            "--min-agreement", "int4=1.0", "--block-size", "16", "--int4-asymmetric"]
     code = cli.main(args)
     report = json.loads((out / "report.json").read_text())
     int4 = report["formats"]["int4"]
+    # the asymmetric grid end to end: onnxruntime's zero points decoded, replaced by GPTQ's, and the model loads
+    assert int4["symmetric"] is False and int4["gptq"]["layers"] == 14 and int4["gptq"]["output_error_vs_rtn"] < 1.0
     assert int4["parity"]["next_token_agreement"] < 1.0, "4-bit weights should move some argmax"
     assert code == 3 and report["failing"] == ["int4"]
     assert "FAILING" in capsys.readouterr().out
@@ -229,24 +231,36 @@ def test_gptq_beats_round_to_nearest_on_matmulnbits_grid():
 
     torch.manual_seed(0)
     w = torch.randn(48, 128)
-    # correlated inputs (as real activations are): x = z @ mix
-    x = torch.randn(2000, 128) @ (torch.eye(128) + 0.5 * torch.randn(128, 128) / 128 ** 0.5)
+    # correlated inputs of uneven energy (as real activations are): x = z @ mix
+    x = (torch.randn(2000, 128) * torch.linspace(0.2, 3, 128)) @ (torch.eye(128) + 0.5 * torch.randn(128, 128) / 128 ** 0.5)
     h = (x.T @ x).double()
-    for codes, scales in (gptq(w, h, 32), rtn_grid(w, 32)):
-        assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and scales.shape == (48, 4)
-        assert torch.equal(torch.from_numpy(unpack(pack(codes.numpy(), 32), 48, 128)), codes)
-    err = {name: float(((x @ (dequantize(*q, 32) - w).T) ** 2).mean())
-           for name, q in (("gptq", gptq(w, h, 32)), ("rtn", rtn_grid(w, 32)))}
-    assert err["gptq"] < 0.8 * err["rtn"], err
-    # the round-to-nearest grid is MatMulNBits': the largest-magnitude weight of each block is exact
-    c, s = rtn_grid(w, 32)
-    d = dequantize(c, s, 32).reshape(48, 4, 32)
+
+    def err(q):
+        return float(((x @ (dequantize(q[0], q[1], 32, q[2]) - w).T) ** 2).mean())
+
+    for symmetric in (True, False):
+        rtn = rtn_grid(w, 32, symmetric)
+        errs = {}
+        for act_order in (False, True):
+            q = gptq(w, h, 32, symmetric=symmetric, act_order=act_order)
+            for codes, scales, zeros in (q, rtn):
+                assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and scales.shape == zeros.shape == (48, 4)
+                assert torch.equal(torch.from_numpy(unpack(pack(codes.numpy(), 32), 48, 128)), codes)
+            errs[act_order] = err(q)
+            assert errs[act_order] < 0.9 * err(rtn), (symmetric, act_order, errs, err(rtn))
+        # input energy rises left to right here: visiting the strongest inputs first must pay
+        assert errs[True] < 0.8 * errs[False], errs
+    # the symmetric round-to-nearest grid is MatMulNBits': the largest-magnitude weight of each block is exact
+    c, s, z = rtn_grid(w, 32)
+    assert torch.equal(z, torch.full_like(z, 8.0))
+    d = dequantize(c, s, 32, z).reshape(48, 4, 32)
     g = w.reshape(48, 4, 32)
     big = g.abs().argmax(-1, keepdim=True)
     torch.testing.assert_close(torch.gather(d, -1, big), torch.gather(g, -1, big))
 
 
-def test_rtn_grid_is_onnxruntimes_bit_for_bit_on_bf16_weights():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_grid_is_onnxruntimes_bit_for_bit_on_bf16_weights(symmetric):
     # bf16-valued weights (as SmolLM2's) make ties common: |min| == max in a block, and w/scale exactly x.5
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
@@ -254,10 +268,14 @@ def test_rtn_grid_is_onnxruntimes_bit_for_bit_on_bf16_weights():
 
     k, n, block = 256, 96, 32
     w = (torch.randn(k, n, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16().float().numpy()
+    w[:block, 0] = np.abs(w[:block, 0])  # a block without negative weights (zero point 0 when asymmetric)
     packed = np.zeros((n, k // block, block // 2), dtype=np.uint8)
     scales = np.zeros(n * (k // block), dtype=np.float32)
     zero_points = np.zeros(n * ((k // block + 1) // 2), dtype=np.uint8)
-    quantize_matmul_4bits(packed, w, scales, zero_points, block, n, k, True)
-    codes, ours = rtn_grid(torch.from_numpy(w.T.copy()), block)
+    quantize_matmul_4bits(packed, w, scales, zero_points, block, n, k, symmetric)
+    codes, ours, zeros = rtn_grid(torch.from_numpy(w.T.copy()), block, symmetric)
     assert np.array_equal(ours.numpy(), scales.reshape(n, k // block))
     assert np.array_equal(unpack(packed, n, k), codes.numpy())
+    if not symmetric:
+        assert np.array_equal(unpack(zero_points.reshape(n, -1), n, k // block), zeros.numpy())
+        assert zeros[0, 0] == 0

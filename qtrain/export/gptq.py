@@ -23,30 +23,55 @@ import torch
 from torch import nn
 
 
-def rtn_grid(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes 0..15 as uint8 [rows, cols], scales [rows, cols/block]) by round-to-nearest on MatMulNBits' grid,
-    bit for bit as onnxruntime's MLAS quantizer makes them (checked against ``quantize_matmul_4bits`` on
-    bf16-valued weights, where ties are common): the scale is the signed extreme / -8, the negative one when
-    |min| == max; codes are roundf(w * (1/scale) + 8), i.e. halves round up, clamped to 0..15."""
+def _grid(g: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) per block of ``g`` [..., block], as onnxruntime's MLAS quantizer computes them.
+
+    Symmetric: scale = the signed extreme / -8 (the negative one when |min| == max), zero point 8.
+    Asymmetric: scale = (max(max, 0) - min(min, 0)) / 15, zero point = roundf(-min / scale) in 0..15.
+    """
+    hi, lo = g.amax(-1), g.amin(-1)
+    if symmetric:
+        scale = torch.where(lo.abs() >= hi.abs(), lo, hi) / -8.0
+        return scale, torch.full_like(scale, 8.0)
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+    scale = (hi - lo) / 15.0
+    recip = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    return scale, torch.clamp(torch.floor(-lo * recip + 0.5), 0, 15)
+
+
+def _round(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15: roundf(x * (1/scale) + zero), halves up, as MLAS rounds."""
+    recip = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    return torch.clamp(torch.floor(x * recip + zero + 0.5), 0, 15)
+
+
+def rtn_grid(w: torch.Tensor, block: int, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0..15 as uint8 [rows, cols], scales [rows, cols/block], zero points [rows, cols/block]) by
+    round-to-nearest on MatMulNBits' grid, bit for bit as onnxruntime makes them (checked against
+    ``quantize_matmul_4bits`` on bf16-valued weights, where ties are common)."""
     rows, cols = w.shape
     g = w.reshape(rows, cols // block, block)
-    hi, lo = g.amax(-1), g.amin(-1)
-    scale = torch.where(lo.abs() >= hi.abs(), lo, hi) / -8.0
-    recip = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-    q = torch.clamp(torch.floor(g * recip.unsqueeze(-1) + 8.0 + 0.5), 0, 15)
-    return q.reshape(rows, cols).to(torch.uint8), scale
+    scale, zero = _grid(g, symmetric)
+    q = _round(g, scale.unsqueeze(-1), zero.unsqueeze(-1))
+    return q.reshape(rows, cols).to(torch.uint8), scale, zero
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int, zeros: torch.Tensor | None = None) -> torch.Tensor:
     rows, cols = codes.shape
-    return ((codes.float() - 8).reshape(rows, cols // block, block) * scales.unsqueeze(-1)).reshape(rows, cols)
+    zeros = torch.full_like(scales, 8.0) if zeros is None else zeros.float()
+    g = codes.float().reshape(rows, cols // block, block) - zeros.unsqueeze(-1)
+    return (g * scales.unsqueeze(-1)).reshape(rows, cols)
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, lazy: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, lazy: int = 128,
+         symmetric: bool = True, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight ``w`` [out, in] given ``h`` = sum of x x^T over its inputs [in, in].
 
-    Returns (codes uint8 [out, in], scales [out, in/block]); each block's scale is fixed when GPTQ reaches the
-    block, from the weights as updated by then.
+    Returns (codes uint8 [out, in], scales and zero points [out, in/block]). Without ``act_order`` columns go
+    left to right and each block's grid is fixed when GPTQ reaches the block, from the weights as updated by
+    then. With ``act_order`` columns go in order of decreasing Hessian diagonal (the inputs with the most energy
+    first, while the most columns remain to absorb their error) and, since a block's columns are then visited
+    out of order, every block's grid comes from the original weights ("static groups", as in AutoGPTQ).
     """
     w = w.detach().double().clone()
     rows, cols = w.shape
@@ -54,31 +79,36 @@ def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, 
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    nblocks = cols // block
+    scales = torch.zeros(rows, nblocks, dtype=torch.float64)
+    zeros = torch.zeros(rows, nblocks, dtype=torch.float64)
+    perm = torch.arange(cols)
+    if act_order:
+        scales[:], zeros[:] = _grid(w.reshape(rows, nblocks, block), symmetric)
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    scales = torch.zeros(rows, cols // block, dtype=torch.float64)
+    lazy = -(-lazy // block) * block  # whole blocks per lazy batch: a block's grid reads its columns from w1
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block == 0:  # a new block: its scale from the current (error-updated) weights
-                g = w1[:, i:i + block]
-                idx = g.abs().argmax(-1, keepdim=True)
-                scales[:, col // block] = torch.gather(g, -1, idx).squeeze(-1) / -8.0
-            s = scales[:, col // block]
-            safe = torch.where(s == 0, torch.ones_like(s), s)
-            q = torch.clamp(torch.round(w1[:, i] / safe) + 8, 0, 15)
+            col = int(perm[i1 + i])
+            blk = col // block
+            if not act_order and col % block == 0:  # a new block: its grid from the current (updated) weights
+                scales[:, blk], zeros[:, blk] = _grid(w1[:, i:i + block], symmetric)
+            s, z = scales[:, blk], zeros[:, blk]
+            q = _round(w1[:, i], s, z)
             codes[:, col] = q.to(torch.uint8)
-            deq = (q - 8) * s
-            e = (w1[:, i] - deq) / hinv1[i, i]
+            e = (w1[:, i] - (q - z) * s) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes, scales.float()
+    return codes, scales.float(), zeros.float()
 
 
 def collect_hessians(model: nn.Module, seqs: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -126,9 +156,11 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
-def apply_gptq(fp32_onnx: Path, int4_onnx: Path, model: nn.Module, calib: torch.Tensor, block: int) -> dict:
+def apply_gptq(fp32_onnx: Path, int4_onnx: Path, model: nn.Module, calib: torch.Tensor, block: int,
+               act_order: bool = True) -> dict:
     """Replace the 4-bit RTN weights of ``int4_onnx`` (made from ``fp32_onnx`` by onnxruntime) with GPTQ's,
-    computed on ``model`` (the same weights in PyTorch) with the calibration sequences ``calib``; in place."""
+    computed on ``model`` (the same weights in PyTorch) with the calibration sequences ``calib``; in place.
+    Symmetric and asymmetric (zero-point) nodes alike: each keeps its kind of grid."""
     import time
 
     import onnx
@@ -154,34 +186,48 @@ def apply_gptq(fp32_onnx: Path, int4_onnx: Path, model: nn.Module, calib: torch.
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits") != 4 or attrs.get("block_size") != block or len(node.input) > 3:
-            continue  # 8-bit head, other block sizes, asymmetric (zero points): left as they are
+        if attrs.get("bits") != 4 or attrs.get("block_size") != block:
+            continue  # the 8-bit head, other block sizes: left as they are
         b_name, s_name = node.input[1], node.input[2]
+        z_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        if len(node.input) > 4 and any(node.input[4:]):
+            continue  # group indices or bias: a layout this code does not write
         base = b_name[: -len("_Q4")] if b_name.endswith("_Q4") else None
         if base in wanted:
-            targets.append((wanted[base], b_name, s_name, attrs["N"], attrs["K"]))
+            targets.append((wanted[base], b_name, s_name, z_name, attrs["N"], attrs["K"]))
     hs = collect_hessians(model, calib, sorted({t[0] for t in targets}))
     mods = dict(model.named_modules())
     changed, before, after = 0, [], []
-    for mod_name, b_name, s_name, n, k in targets:
+    for mod_name, b_name, s_name, z_name, n, k in targets:
+        symmetric = z_name is None
         w = mods[mod_name].weight.detach().float()
-        codes, scales = gptq(w, hs[mod_name], block)
         # the RTN blob onnxruntime wrote must decode to our RTN: the layout is understood, or we stop
         blob = numpy_helper.to_array(inits[b_name])
-        rtn_codes, rtn_scales = rtn_grid(w, block)
-        if not np.array_equal(unpack(blob, n, k), rtn_codes.numpy()):
+        rtn = rtn_grid(w, block, symmetric)
+        same = np.array_equal(unpack(blob, n, k), rtn[0].numpy())
+        if z_name is not None:
+            zp = numpy_helper.to_array(inits[z_name])
+            same = same and np.array_equal(unpack(zp.reshape(n, -1), n, zp.size * 2 // n)[:, : k // block],
+                                           rtn[2].numpy())
+        if not same:
             raise RuntimeError(f"MatMulNBits layout of {b_name} is not the one expected; GPTQ not applied")
+        codes, scales, zeros = gptq(w, hs[mod_name], block, symmetric=symmetric, act_order=act_order)
         x_h = hs[mod_name].float()
-        for tag, c, s in (("rtn", rtn_codes, rtn_scales), ("gptq", codes, scales)):
-            d = dequantize(c, s, block) - w
-            (before if tag == "rtn" else after).append(float(torch.einsum("oi,ij,oj->", d, x_h, d)))
+        for bucket, (c, sc, z) in ((before, rtn), (after, (codes, scales, zeros))):
+            d = dequantize(c, sc, block, z) - w
+            bucket.append(float(torch.einsum("oi,ij,oj->", d, x_h, d)))
         inits[b_name].CopyFrom(numpy_helper.from_array(pack(codes.numpy(), block).reshape(blob.shape), b_name))
         old_s = numpy_helper.to_array(inits[s_name])
         inits[s_name].CopyFrom(numpy_helper.from_array(scales.numpy().astype(old_s.dtype).reshape(old_s.shape), s_name))
+        if z_name is not None:
+            zc = zeros.numpy().astype(np.uint8)
+            if zc.shape[1] % 2:  # two zero points per byte, per output row
+                zc = np.concatenate([zc, np.zeros((n, 1), np.uint8)], axis=1)
+            inits[z_name].CopyFrom(numpy_helper.from_array(pack(zc, 2).reshape(zp.shape), z_name))
         changed += 1
     onnx.save_model(q, str(int4_onnx))
     ratio = sum(after) / max(sum(before), 1e-30)
-    return {"method": "gptq", "layers": changed, "calibration_tokens": int(calib.numel()),
+    return {"method": "gptq", "act_order": act_order, "layers": changed, "calibration_tokens": int(calib.numel()),
             "output_error_vs_rtn": round(ratio, 4), "seconds": round(time.perf_counter() - start, 1),
             "note": "output error = sum over layers of tr(dW H dW^T), GPTQ relative to round-to-nearest"}
 

@@ -46,6 +46,8 @@ class ExportOptions:
     int4_head_bits: int = 8  # the LM head at 8 bits: measured +24% perplexity either way, but 74% vs 71% agreement
     int4_method: str = "gptq"  # or "rtn" (onnxruntime's round-to-nearest); see qtrain/export/gptq.py
     int4_calibration_sequences: int = 64
+    int4_symmetric: bool = True  # False: a 4-bit zero point per block (MatMulNBits' asymmetric form)
+    int4_act_order: bool = True  # GPTQ visits the inputs with the most energy first
     int8_block_size: int = 32
     int8_accuracy_level: int = 4  # int8 activations per block: level 0 (fp32) decoded at 11 tok/s here, level 4 at 78
     quantize_lm_head: bool = True
@@ -372,7 +374,8 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
                 f"{opts.int4_accuracy_level}, LM head {opts.int4_head_bits}-bit) ...")
             formats["int4"] = {"dir": "int4", **quantize(tmp, tmp / "int4", 4, opts.int4_block_size,
                                                          opts.int4_accuracy_level, opts.quantize_lm_head,
-                                                         head_bits=opts.int4_head_bits)}
+                                                         head_bits=opts.int4_head_bits,
+                                                         symmetric=opts.int4_symmetric)}
             if opts.int4_method == "gptq":
                 from qtrain.export.gptq import apply_gptq, calibration_sequences
 
@@ -380,7 +383,7 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
                     "training-split code) ...")
                 calib = calibration_sequences(tok, opts.data, opts.int4_calibration_sequences)
                 formats["int4"]["gptq"] = apply_gptq(tmp / "model.onnx", tmp / "int4" / "model.onnx", model, calib,
-                                                     opts.int4_block_size)
+                                                     opts.int4_block_size, act_order=opts.int4_act_order)
             formats["int4"]["method"] = opts.int4_method
         say(f"checking parity on held-out code ({opts.positions} positions) and {len(PROMPTS)} greedy prompts ...")
         seqs = heldout_sequences(tok, opts.data, opts.positions)
