@@ -360,6 +360,21 @@ def render_report(rows: list[dict], output: Path, title: str, command: str) -> s
             x = r["export"]
             lines.append(f"| {r['name']} | {x.get('format', 'error: ' + x.get('error', ''))} | "
                          f"{x.get('bytes', 0) / 1e6:.1f} | {x.get('decode_tokens_per_second', '-')} |")
+    notes = []
+    if len({r["recipe"]["seq_len"] for r in ok}) > 1:
+        notes.append("Validation loss is measured on sequences of each row's own length (more context, lower loss): "
+                     "rows that differ in sequence length are not comparable on it.")
+    same_work: dict[str, list[float]] = {}  # rows that differ only in learning rate do the same computation
+    for r in ok:
+        key = json.dumps({k: v for k, v in r["recipe"].items() if k not in ("learning_rate", "seed", "name")}, sort_keys=True)
+        same_work.setdefault(key, []).append(r["tokens_per_second"])
+    spread = max(same_work.values(), key=len)
+    if len(spread) >= 3:
+        notes.append(f"Run-to-run noise: {len(spread)} rows that differ only in learning rate (the same computation) "
+                     f"trained at {min(spread):.1f}-{max(spread):.1f} tokens/s ({100 * (max(spread) / min(spread) - 1):.0f}% "
+                     "apart); smaller throughput differences than that are not findings.")
+    if notes:
+        lines += [""] + notes
     san = [r for r in ok if (r.get("energy") or {}).get("sanity", {}).get("ratio")]
     if san:
         ratios = [r["energy"]["sanity"]["ratio"] for r in san]
@@ -456,7 +471,8 @@ def plot_rows(rows: list[dict], output: Path) -> list[Path]:
         fig, axes = plt.subplots(3, len(groups), figsize=(3.2 * len(groups), 8), squeeze=False)
         for j, g in enumerate(groups):
             pts = [r for r in rows if r["group"] == g] + [base]
-            pts.sort(key=lambda r: TRADEOFF_RANGES[g].index(r["recipe"][g]))
+            numeric = all(isinstance(v, (int, float)) for v in TRADEOFF_RANGES[g])
+            pts.sort(key=lambda r: r["recipe"][g] if numeric else TRADEOFF_RANGES[g].index(r["recipe"][g]))
             xs = [str(r["recipe"][g]) for r in pts]
             for i, (key, label) in enumerate((("val_loss_after", "val loss (nats/token)"),
                                               ("tokens_per_second", "tokens/s"),
