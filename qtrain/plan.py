@@ -39,7 +39,8 @@ FRAGMENTATION = {"cpu": 0.10, "cuda": 0.10}
 # glibc's heap keeps freed activation memory in RSS during an adapter (LoRA/QLoRA) step on a CPU: peak RSS
 # exceeded live memory by 0.72x and 0.77x the activation term on the default model (1x512 and 4x256, measured
 # here with and without a fixed mmap threshold; see measure.bound_heap_retention). Full fine-tuning showed no
-# such excess (its long-lived gradient buffers fill the holes). Not applied when the threshold is fixed.
+# such excess while its long-lived gradient and optimizer buffers can fill the holes; beyond them it retains
+# too (see predict). Not applied when the threshold is fixed.
 # With checkpointing the holes are relatively larger: 0.83-0.95x of the activations a non-checkpointed step
 # would have made, in three of the four checkpointed adapter variants (the fourth, LoRA 1x512, retained 0.31x).
 ALLOCATOR_RETENTION = 0.75
@@ -164,12 +165,23 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32
         terms["logits_and_loss"] = tokens * shape.vocab * 4 * 3
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    if kind == "cpu" and recipe.method in ("lora", "qlora") and not heap_bound_requested():
+    if kind == "cpu" and not heap_bound_requested():
         # with checkpointing the retained heap still scales with the activations a non-checkpointed step would
         # have made (the recomputed layers free and re-allocate the same sizes)
         full_acts = shape.n_layers * one_layer
         share = ALLOCATOR_RETENTION_CHECKPOINTED if recipe.gradient_checkpointing else ALLOCATOR_RETENTION
-        terms["allocator_retention"] = int(share * full_acts)
+        retained = share * full_acts
+        if recipe.method in ("full", "bitnet"):
+            # the long-lived optimizer states, and with one micro-batch per step the gradients (allocated during
+            # backward, freed at the step), settle into the freed activation memory: no excess while they are
+            # larger (full 4x256 and 1x512 measured within 4-8%). With accumulation the gradients stay live through
+            # the next micro-batch's forward and fill nothing: full 4x512 x2 peaked at 6.80-6.92 GiB (the README
+            # command), 6.73 predicted; 5.84-5.87 GiB at 4x512 x1, 6.27 predicted.
+            retained -= terms["optimizer_states"]
+            if recipe.grad_accum_steps <= 1:
+                retained -= terms["gradients"]
+        if retained > 0:
+            terms["allocator_retention"] = int(retained)
     if kind == "cpu" and recipe.method == "qlora":
         # bitsandbytes quantises on a CPU from fp32 weights loaded first; their pages stay resident (measured:
         # QLoRA's peak RSS was LoRA's plus 0.08-0.44 GiB on the default model, not 0.34 GiB less)
