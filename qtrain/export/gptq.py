@@ -2,15 +2,17 @@
 
 Why our own: onnxruntime's ``MatMulNBitsQuantizer`` offers GPTQ only through Intel Neural Compressor (not a
 dependency here), and its default is round-to-nearest (RTN), which on the 135M default model cost +25% perplexity
-at 4 bits. GPTQ quantises one input column at a time and spreads each column's rounding error over the columns
-not yet quantised, weighted by the inverse Hessian of the layer's inputs (H = X^T X over calibration text), so the
-layer's *outputs* move as little as possible.
+at 4 bits (+7.6% with this GPTQ: benchmarks/results/export_speed.md, int4_rounding.md). GPTQ quantises one input
+column at a time and spreads each column's rounding error over the columns not yet quantised, weighted by the
+inverse Hessian of the layer's inputs (H = X^T X over calibration text), so the layer's *outputs* move as little
+as possible; act-order visits the inputs with the most energy first.
 
-The grid is exactly the one ``MatMulNBits`` decodes (symmetric, blocks of ``block_size`` input channels):
-value = (q - 8) * scale, q in 0..15, scale = (signed value of largest magnitude in the block) / -8. The RTN
-export is made first with onnxruntime's quantizer; then each 4-bit node's packed weights and scales are
-replaced by GPTQ's (same shapes, same layout: per output row and block, two 4-bit codes per byte, low nibble
-first), so the graph, kernels and loading stay onnxruntime's.
+The grid is exactly the one ``MatMulNBits`` decodes, in blocks of ``block_size`` input channels: symmetric,
+value = (q - 8) * scale with scale = (signed extreme of the block) / -8, or with a 4-bit zero point per block,
+value = (q - zp) * scale. The RTN export is made first with onnxruntime's quantizer; each 4-bit node's blobs are
+decoded and must equal our RTN bit for bit (the layout check), then GPTQ's codes, scales and zero points replace
+them (same shapes and layout: per output row and block, two 4-bit codes per byte, low nibble first), so the
+graph, kernels and loading stay onnxruntime's.
 """
 
 from __future__ import annotations
