@@ -90,3 +90,19 @@ def test_budget_matrix_and_budget_answer(tmp_path, capsys):
                      "--results", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
     assert "qlora" in out and "predicted" in out and "pick: #1" in out
+
+
+def test_export_row_records_int8_size_and_decode_speed(tmp_path, tiny_model_dir, code_dir, capsys):
+    pytest.importorskip("optimum.onnxruntime")
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(yaml.safe_dump({"rows": [{"name": "lora-int8", "overrides": {**SMALL, "method": "lora"},
+                                                "export": "int8"}]}))
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--matrix", str(matrix), "--steps", "1", "--model", str(tiny_model_dir),
+                     "--data", str(code_dir), "-o", str(out)]) == 0
+    (row,) = bench.load_rows(out)
+    x = row["export"]
+    assert x.get("format") == "onnx-int8", x
+    assert x["bytes"] > 0 and x["decode_tokens_per_second"] > 0
+    assert "| lora-int8 | onnx-int8 |" in (out / "report.md").read_text()
+    assert not (out / "runs" / "lora-int8" / "onnx").exists()  # figures kept, the export itself dropped
