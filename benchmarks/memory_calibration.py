@@ -56,7 +56,8 @@ def worker(spec: dict, out: Path) -> None:
     from qtrain.train import fit
 
     recipe = load_recipe(None, [f"method={spec['method']}", f"gradient_checkpointing={spec['gc']}",
-                                f"seq_len={spec['seq']}", f"micro_batch_size={spec['mb']}", "grad_accum_steps=1",
+                                f"seq_len={spec['seq']}", f"micro_batch_size={spec['mb']}",
+                                f"grad_accum_steps={spec.get('accum', 1)}",
                                 "max_steps=2", "save_every=0", "warmup_steps=1", "val_max_sequences=2"])
     pred = predict(model_shape(spec["model"]), recipe, "cpu")
     with tempfile.TemporaryDirectory() as d:
@@ -70,7 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny model only")
     ap.add_argument("--repredict", action="store_true", help="recompute the predictions of the saved measurements")
-    ap.add_argument("--repeat", metavar="METHOD,CKPT,SEQ,MB", help="one default-model variant, e.g. lora,on,512,1")
+    ap.add_argument("--repeat", metavar="METHOD,CKPT,SEQ,MB[,ACCUM]",
+                    help="one default-model variant, e.g. lora,on,512,1 (gradient accumulation 1 unless given)")
     ap.add_argument("--times", type=int, default=3)
     ap.add_argument("--worker")
     ap.add_argument("--out")
@@ -131,11 +133,13 @@ def repeat(variant: str, times: int) -> None:
     from qtrain.measure import machine_info
 
     try:
-        method, gc, seq, mb = variant.split(",")
+        method, gc, seq, mb, *accum = variant.split(",")
         spec = {"model": None, "label": "SmolLM2-135M", "method": method, "gc": gc in ("on", "true", "1"),
-                "seq": int(seq), "mb": int(mb)}
+                "seq": int(seq), "mb": int(mb), "accum": int(accum[0]) if accum else 1}
+        if len(accum) > 1:
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"--repeat {variant!r}: expected METHOD,CKPT,SEQ,MB such as lora,on,512,1")
+        raise SystemExit(f"--repeat {variant!r}: expected METHOD,CKPT,SEQ,MB[,ACCUM] such as lora,on,512,1")
     rows = [measure(spec) for _ in range(times)]
     path = RESULTS / "memory_repeats.json"
     result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "memory_repeats", "variants": {}}
