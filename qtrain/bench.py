@@ -368,7 +368,7 @@ def render_report(rows: list[dict], output: Path, title: str, command: str) -> s
     for r in ok:
         key = json.dumps({k: v for k, v in r["recipe"].items() if k not in ("learning_rate", "seed", "name")}, sort_keys=True)
         same_work.setdefault(key, []).append(r["tokens_per_second"])
-    spread = max(same_work.values(), key=len)
+    spread = max(same_work.values(), key=len, default=[])
     if len(spread) >= 3:
         notes.append(f"Run-to-run noise: {len(spread)} rows that differ only in learning rate (the same computation) "
                      f"trained at {min(spread):.1f}-{max(spread):.1f} tokens/s ({100 * (max(spread) / min(spread) - 1):.0f}% "

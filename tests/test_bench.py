@@ -106,3 +106,9 @@ def test_export_row_records_int8_size_and_decode_speed(tmp_path, tiny_model_dir,
     assert x["bytes"] > 0 and x["decode_tokens_per_second"] > 0
     assert "| lora-int8 | onnx-int8 |" in (out / "report.md").read_text()
     assert not (out / "runs" / "lora-int8" / "onnx").exists()  # figures kept, the export itself dropped
+
+
+def test_report_of_only_failed_rows(tmp_path):
+    rows = [{"name": "a", "status": "failed", "error": "CUDA is not available"}]
+    text = bench.render_report(rows, tmp_path, "t", "qtrain bench --matrix x")
+    assert "| a | FAILED: CUDA is not available |" in text
