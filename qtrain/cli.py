@@ -181,6 +181,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise RecipeError("say what to export: --onnx (with --int8/--int4) and/or --gguf")
     if (args.int8 or args.int4) and not args.onnx:
         raise RecipeError("--int8 and --int4 are ONNX formats; add --onnx")
+    if args.block_size not in (16, 32, 64, 128, 256):
+        raise RecipeError(f"--block-size {args.block_size} is not one onnxruntime's MatMulNBits supports; "
+                          "use 16, 32, 64, 128 or 256")
     src = args.run
     if args.onnx:
         from qtrain.export.onnx import ExportOptions, export_onnx, render_report

@@ -123,6 +123,14 @@ def test_min_agreement_is_validated(value, capsys):
     assert value in capsys.readouterr().err
 
 
+def test_block_size_is_validated_before_any_work(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["export", "--onnx", "--int4", "--block-size", "7", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--block-size 7" in err and "16, 32, 64, 128 or 256" in err
+    assert not out.exists()
+
+
 def test_generate_streams_from_run_and_onnx(lora_run, exported, capsys):
     assert cli.main(["generate", str(lora_run), "-p", "def f(x):", "-n", "6", "--no-chat"]) == 0
     captured = capsys.readouterr()
