@@ -43,6 +43,11 @@ FRAGMENTATION = {"cpu": 0.10, "cuda": 0.10}
 # too (see predict). Not applied when the threshold is fixed.
 # With checkpointing the holes are relatively larger: 0.83-0.95x of the activations a non-checkpointed step
 # would have made, in three of the four checkpointed adapter variants (the fourth, LoRA 1x512, retained 0.31x).
+# Full fine-tuning at one micro-batch per step without checkpointing (see predict): 0.2 x the activations of
+# gradients besides the LM head's were live at the peak, fitted on the default model at 1x512, 4x256 and 4x512
+# (measured 3.30-3.38, 4.21 and 5.84-5.87 GiB; the previous model, all gradients plus retention, predicted
+# 3.64, 4.37 and 6.27).
+FULL_GRADIENT_OVERLAP = 0.2
 ALLOCATOR_RETENTION = 0.75
 ALLOCATOR_RETENTION_CHECKPOINTED = 0.90
 
@@ -165,7 +170,17 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32
         terms["logits_and_loss"] = tokens * shape.vocab * 4 * 3
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    if kind == "cpu" and not heap_bound_requested():
+    # Full fine-tuning, one micro-batch per step, no checkpointing: backward frees each layer's saved tensors as
+    # it produces that layer's gradients, so the peak is at the start of backward, beside the LM head's gradient
+    # (produced first) and only part of the rest: on a CPU, the share that freed activation memory does not
+    # take back (FULL_GRADIENT_OVERLAP x the activations, at most all of them).
+    full_overlap = (kind == "cpu" and recipe.method in ("full", "bitnet") and not recipe.gradient_checkpointing
+                    and recipe.grad_accum_steps <= 1 and not heap_bound_requested())
+    if full_overlap:
+        head_grad = min(terms["gradients"], shape.vocab * shape.hidden * grad_bytes)
+        rest = terms["gradients"] - head_grad
+        terms["gradients"] = head_grad + min(rest, int(FULL_GRADIENT_OVERLAP * terms["activations"]))
+    if kind == "cpu" and not heap_bound_requested() and not full_overlap:
         # with checkpointing the retained heap still scales with the activations a non-checkpointed step would
         # have made (the recomputed layers free and re-allocate the same sizes)
         full_acts = shape.n_layers * one_layer

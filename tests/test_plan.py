@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from qtrain.plan import (NF4_BYTES_PER_PARAM, BudgetError, layer_activation_bytes, parse_bytes, plan_recipe, predict)
+from qtrain.plan import (FULL_GRADIENT_OVERLAP, NF4_BYTES_PER_PARAM, BudgetError, layer_activation_bytes, parse_bytes, plan_recipe, predict)
 from qtrain.recipe import Recipe
 from qtrain.shapes import known_models, lookup_known, shape_from_config
 
@@ -47,6 +47,22 @@ def test_7b_terms_against_hand_computed_values():
     one_layer = tokens * (2 * (8 * h + 2 * h + 4 * i + 32 + 2) - 2 * h * 2 + 7 * 8 * 2)
     assert p.terms["activations"] == L * tokens * h * 2 + one_layer
     assert p.terms["logits_and_loss"] == 256 * V * 4 * 2 + tokens * h * 4 * 2
+
+
+def test_full_fine_tuning_counts_only_the_gradients_live_at_the_start_of_backward_on_cpu():
+    s = shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), "smollm2")
+    all_grads = s.total_params() * 4
+    one = Recipe(method="full", seq_len=512, micro_batch_size=1, grad_accum_steps=1, gradient_checkpointing=False)
+    p = predict(s, one, "cpu")
+    head = s.vocab * s.hidden * 4
+    assert p.terms["gradients"] == head + int(FULL_GRADIENT_OVERLAP * p.terms["activations"]) < all_grads
+    assert "allocator_retention" not in p.terms
+    # gradients kept across micro-batches, checkpointing (the peak is then at the end of backward) and a GPU
+    # (no CPU heap) count every gradient
+    for r, device in ((one.replace(grad_accum_steps=2), "cpu"),
+                      (one.replace(gradient_checkpointing=True), "cpu"), (one, "cuda")):
+        assert predict(s, r, device).terms["gradients"] == all_grads
+    assert predict(s, one.replace(grad_accum_steps=2), "cpu").peak_bytes > p.peak_bytes
 
 
 def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=False):
