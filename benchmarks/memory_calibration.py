@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+SUFFIX = ""  # "_jemalloc" for --allocator jemalloc
 
 
 def make_tiny_model(d: Path) -> Path:
@@ -62,7 +64,10 @@ def worker(spec: dict, out: Path) -> None:
     pred = predict(model_shape(spec["model"]), recipe, "cpu")
     with tempfile.TemporaryDirectory() as d:
         s = fit(recipe, model=spec["model"], output=Path(d) / "run")
+    from qtrain.measure import heap_allocator
+
     out.write_text(json.dumps({**spec, "measured_peak_bytes": s["peak_memory_bytes"], "rss_after_imports": rss_imports,
+                               "allocator": heap_allocator(),
                                "predicted_peak_bytes": pred.peak_bytes, "terms": pred.terms,
                                "tokens_per_second": s["tokens_per_second"]}))
 
@@ -74,14 +79,25 @@ def main() -> None:
     ap.add_argument("--repeat", metavar="METHOD,CKPT,SEQ,MB[,ACCUM]",
                     help="one default-model variant, e.g. lora,on,512,1 (gradient accumulation 1 unless given)")
     ap.add_argument("--times", type=int, default=3)
+    ap.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc",
+                    help="jemalloc: every worker runs with the system libjemalloc preloaded (results *_jemalloc.*)")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker), Path(args.out))
         return
+    global SUFFIX
+    SUFFIX = "" if args.allocator == "glibc" else f"_{args.allocator}"
+    if args.allocator == "jemalloc":
+        from qtrain.measure import find_jemalloc
+
+        lib = find_jemalloc()
+        if lib is None:
+            raise SystemExit("--allocator jemalloc: no libjemalloc.so.2 found; apt install libjemalloc2")
+        os.environ["LD_PRELOAD"] = lib  # inherited by the worker processes
     if args.repredict:
-        render(repredict(json.loads((RESULTS / "memory_calibration.json").read_text())))
+        render(repredict(json.loads((RESULTS / f"memory_calibration{SUFFIX}.json").read_text())))
         return
     if args.repeat:
         repeat(args.repeat, args.times)
@@ -107,7 +123,8 @@ def main() -> None:
     git = _git()
     result = {"benchmark": "memory_calibration", "git": git, "machine": machine_info(), "rows": rows,
               "command": "python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")
-              + (f" --times {args.times}" if args.times != 3 else "")}
+              + (f" --times {args.times}" if args.times != 3 else "")
+              + (f" --allocator {args.allocator}" if SUFFIX else ""), "allocator": args.allocator}
     render(result)
 
 
@@ -225,11 +242,12 @@ def render(result: dict) -> None:
     result["runs_within_10pct"] = sum(abs(e) <= 10 for r in ok for e in r["error_pct_runs"])
     result["variants"] = len(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "memory_calibration.json", result)
+    atomic_write_json(RESULTS / f"memory_calibration{SUFFIX}.json", result)
     m, git = result["machine"], result["git"]
     pred_note = (f" Predictions from the planner at git {result['git_predicted']} (`--repredict`: the measurements "
                  "are unchanged, predictions need only configs)." if result.get("git_predicted") else "")
-    lines = ["# Predicted vs measured peak memory (CPU, peak RSS of the whole process, 2 optimizer steps)", "",
+    alloc = " with jemalloc preloaded" if result.get("allocator", "glibc") != "glibc" else ""
+    lines = [f"# Predicted vs measured peak memory (CPU{alloc}, peak RSS of the whole process, 2 optimizer steps)", "",
              f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}; measured at git {git}. Reproduce: "
              f"`{result['command']}`.{pred_note} "
              f"Each variant ran {max(len(r['error_pct_runs']) for r in ok)} times, each in a fresh process; "
@@ -250,7 +268,7 @@ def render(result: dict) -> None:
                          f"{r['predicted_peak_bytes'] / 2**30:.3f} | {r['measured_peak_bytes'] / 2**30:.3f} | "
                          f"{', '.join(f'{x / 2**30:.3f}' for x in runs)} | {r['error_pct']:+.1f}% | "
                          f"{min(errs):+.1f}% to {max(errs):+.1f}% |")
-    atomic_write_text(RESULTS / "memory_calibration.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"memory_calibration{SUFFIX}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -167,6 +168,22 @@ def machine_info() -> dict:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def heap_allocator() -> str:
+    """The C allocator serving this process's tensors: "jemalloc" when it is loaded (LD_PRELOAD), else "glibc"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return "other"
+    return "jemalloc" if "libjemalloc" in maps else "glibc"
+
+
+def find_jemalloc() -> str | None:
+    """Path of a system jemalloc (Debian/Ubuntu: apt install libjemalloc2), or None."""
+    return next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
 
 
 def bound_heap_retention(threshold_bytes: int | None = None) -> bool:
