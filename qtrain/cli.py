@@ -35,7 +35,7 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _plan_from_args(args, base):
+def _plan_from_args(args, base, allocator: str | None = None):
     from qtrain.plan import default_budget, detect_device, model_shape, parse_bytes, plan_recipe
 
     budget = parse_bytes(args.budget) if args.budget else None
@@ -54,7 +54,13 @@ def _plan_from_args(args, base):
         flops = peak_flops(torch.device("cpu"))[0]
     else:
         flops = CUDA_DECLARED_FLOPS
-    return plan_recipe(shape, budget, device, base, flops)
+    if allocator == "fit":  # `qtrain plan`: predict for the allocator `qtrain fit` would run on
+        allocator = None
+        if device == "cpu":
+            from qtrain.measure import fit_allocator
+
+            allocator = fit_allocator()
+    return plan_recipe(shape, budget, device, base, flops, allocator=allocator)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -63,7 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qtrain.plan import render_plan
 
     base = load_recipe(args.recipe, list(args.overrides))
-    plan = _plan_from_args(args, base)
+    plan = _plan_from_args(args, base, allocator="fit")
     print(json.dumps(plan.to_dict(), indent=2) if args.json else render_plan(plan))
     return 0
 
@@ -521,6 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     from qtrain.errors import QtrainError
 
     try:
+        if args.command == "fit" and argv is None:  # a real command line, not an in-process call
+            from qtrain.measure import jemalloc_exec_env
+
+            env = jemalloc_exec_env(dict(os.environ))
+            if env is not None:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.execve(sys.executable, [sys.executable, "-m", "qtrain", *sys.argv[1:]], env)
         return args.func(args)
     except QtrainError as exc:
         print(f"qtrain {args.command}: error: {exc}", file=sys.stderr)

@@ -186,6 +186,53 @@ def find_jemalloc() -> str | None:
     return next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
 
 
+ALLOCATOR_CHOICES = ("auto", "jemalloc", "glibc")
+
+
+def requested_allocator(env: dict | None = None) -> str:
+    """``QTRAIN_ALLOCATOR``: auto (jemalloc when the system has it), jemalloc (required) or glibc."""
+    value = (env if env is not None else os.environ).get("QTRAIN_ALLOCATOR", "auto").strip().lower() or "auto"
+    if value not in ALLOCATOR_CHOICES:
+        from qtrain.errors import QtrainError
+
+        raise QtrainError(f"QTRAIN_ALLOCATOR={value!r} is not one of {', '.join(ALLOCATOR_CHOICES)}; unset it for auto")
+    return value
+
+
+def fit_allocator(env: dict | None = None) -> str:
+    """The host allocator a ``qtrain fit`` started now would train on (what ``qtrain plan`` predicts for)."""
+    if heap_allocator() == "jemalloc":
+        return "jemalloc"
+    if platform.system() == "Linux" and requested_allocator(env) != "glibc" and find_jemalloc():
+        return "jemalloc"
+    return "glibc"
+
+
+def jemalloc_exec_env(env: dict) -> dict | None:
+    """The environment to re-execute ``qtrain fit`` in with jemalloc preloaded, or None to run as is.
+
+    Why: with glibc's allocator the peak RSS of a CPU LoRA/QLoRA step is neither small nor repeatable -- freed
+    activation memory stays in the heap, and identical runs of the default model peaked 2.40-3.09 GiB
+    (benchmarks/results/memory_calibration.md). With jemalloc the same run peaks at 1.36-1.38 GiB, every time,
+    for about 8% of the throughput; the planner can then predict the peak rather than a range. The library must
+    be loaded before the interpreter starts, hence a re-exec (as Intel's ``ipexrun --enable-jemalloc`` does).
+    ``QTRAIN_ALLOCATOR=glibc`` opts out; ``=jemalloc`` makes a missing library an error.
+    """
+    wanted = requested_allocator(env)
+    if wanted == "glibc" or heap_allocator() == "jemalloc" or platform.system() != "Linux" or env.get("_QTRAIN_REEXEC"):
+        return None
+    lib = find_jemalloc()
+    if lib is None:
+        if wanted == "jemalloc":
+            from qtrain.errors import QtrainError
+
+            raise QtrainError("QTRAIN_ALLOCATOR=jemalloc but no libjemalloc.so.2 was found; install it "
+                              "(apt install libjemalloc2) or unset QTRAIN_ALLOCATOR")
+        return None
+    # the guard stops a loop when the preload fails (ld.so then only warns)
+    return {**env, "LD_PRELOAD": ":".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x), "_QTRAIN_REEXEC": "1"}
+
+
 def bound_heap_retention(threshold_bytes: int | None = None) -> bool:
     """Opt-in: serve allocations >= ``threshold_bytes`` with mmap, so freed activations leave RSS at once.
 

@@ -128,8 +128,24 @@ class Prediction:
     notes: list[str] = field(default_factory=list)
 
 
-def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: float = 168e9) -> Prediction:
-    """Predicted peak memory (sum of named terms, bytes) and tokens/s of training ``recipe`` on ``shape``."""
+def host_heap(allocator: str | None = None) -> str:
+    """How freed host memory behaves in the training process: "jemalloc", "glibc-bounded" (a fixed mmap
+    threshold, see measure.bound_heap_retention) or "glibc". None: as in this process."""
+    if allocator is None:
+        from qtrain.measure import heap_allocator
+
+        allocator = heap_allocator()
+    if allocator == "jemalloc":
+        return "jemalloc"
+    return "glibc-bounded" if heap_bound_requested() else "glibc"
+
+
+def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: float = 168e9,
+            allocator: str | None = None) -> Prediction:
+    """Predicted peak memory (sum of named terms, bytes) and tokens/s of training ``recipe`` on ``shape``.
+
+    ``allocator``: the host allocator of the training process ("jemalloc" or "glibc"; None: this process's).
+    It matters on a CPU only, where glibc keeps freed activation memory in RSS (see ALLOCATOR_RETENTION)."""
     b = DTYPE_BYTES[recipe.dtype]
     total = shape.total_params()
     linear = shape.n_layers * sum(shape.layer_linear_params().values())
@@ -170,17 +186,18 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32
         terms["logits_and_loss"] = tokens * shape.vocab * 4 * 3
     kind = "cuda" if device.startswith("cuda") else "cpu"
+    heap = host_heap(allocator) if kind == "cpu" else "device"
     # Full fine-tuning, one micro-batch per step, no checkpointing: backward frees each layer's saved tensors as
     # it produces that layer's gradients, so the peak is at the start of backward, beside the LM head's gradient
     # (produced first) and only part of the rest: on a CPU, the share that freed activation memory does not
     # take back (FULL_GRADIENT_OVERLAP x the activations, at most all of them).
-    full_overlap = (kind == "cpu" and recipe.method in ("full", "bitnet") and not recipe.gradient_checkpointing
-                    and recipe.grad_accum_steps <= 1 and not heap_bound_requested())
+    full_overlap = (heap == "glibc" and recipe.method in ("full", "bitnet") and not recipe.gradient_checkpointing
+                    and recipe.grad_accum_steps <= 1)
     if full_overlap:
         head_grad = min(terms["gradients"], shape.vocab * shape.hidden * grad_bytes)
         rest = terms["gradients"] - head_grad
         terms["gradients"] = head_grad + min(rest, int(FULL_GRADIENT_OVERLAP * terms["activations"]))
-    if kind == "cpu" and not heap_bound_requested() and not full_overlap:
+    if heap == "glibc" and not full_overlap:
         # with checkpointing the retained heap still scales with the activations a non-checkpointed step would
         # have made (the recomputed layers free and re-allocate the same sizes)
         full_acts = shape.n_layers * one_layer
@@ -254,9 +271,11 @@ class Plan:
     chosen: Candidate | None
     candidates: list[Candidate]
     reason: str
+    host_allocator: str = ""  # CPU plans: "jemalloc", "glibc" or "glibc-bounded" (see predict)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "device": self.device, "budget_bytes": self.budget_bytes,
+        return {"model": self.model, "device": self.device, "host_allocator": self.host_allocator,
+                "budget_bytes": self.budget_bytes,
                 "usable_bytes": self.usable_bytes, "safety_margin": SAFETY_MARGIN,
                 "chosen": self.chosen.row() if self.chosen else None, "reason": self.reason,
                 "candidates": [c.row() for c in self.candidates]}
@@ -302,12 +321,13 @@ def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora
 
 
 def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe, peak_flops: float = 168e9,
-                methods=("full", "lora", "qlora")) -> Plan:
-    """Rank the candidates that fit ``budget_bytes`` (minus a safety margin) and pick one, or say why none does."""
+                methods=("full", "lora", "qlora"), allocator: str | None = None) -> Plan:
+    """Rank the candidates that fit ``budget_bytes`` (minus a safety margin) and pick one, or say why none does.
+    ``allocator``: the host allocator the training process will run on (see predict)."""
     usable = int(budget_bytes * (1 - SAFETY_MARGIN))
     cands = []
     for r in candidate_recipes(base, device, methods):
-        pred = predict(shape, r, device, peak_flops)
+        pred = predict(shape, r, device, peak_flops, allocator)
         cands.append(Candidate(r, pred, pred.peak_bytes <= usable))
     fitting = sorted((c for c in cands if c.fits), key=_sort_key, reverse=True)
     if not fitting:
@@ -330,7 +350,8 @@ def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe,
     if r.gradient_checkpointing:
         why.append("with gradient checkpointing (needed to fit)")
     reason = " ".join(why)
-    return Plan(shape.name, device, budget_bytes, usable, chosen, fitting, reason)
+    return Plan(shape.name, device, budget_bytes, usable, chosen, fitting, reason,
+                "" if device.startswith("cuda") else host_heap(allocator))
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -399,7 +420,8 @@ def default_budget(device: str, memory: int | None) -> int:
 
 def render_plan(plan: Plan, limit: int = 12) -> str:
     """A ranked table of what fits, the terms of the pick, and why."""
-    lines = [f"plan for {plan.model} on {plan.device}: budget {format_bytes(plan.budget_bytes)}, usable "
+    heap = f" (host allocator: {plan.host_allocator})" if plan.host_allocator else ""
+    lines = [f"plan for {plan.model} on {plan.device}{heap}: budget {format_bytes(plan.budget_bytes)}, usable "
              f"{format_bytes(plan.usable_bytes)} after a {SAFETY_MARGIN:.0%} safety margin", "",
              f"{'#':>3}  {'method':6} {'ckpt':4} {'seq':>5} {'batch':>7} {'optimizer':10} {'peak':>10} {'tok/s':>8}"]
     for i, c in enumerate(plan.candidates[:limit], 1):

@@ -27,8 +27,9 @@ from qtrain.data.corpus import load_corpus
 from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
 from qtrain.io import atomic_write_json, make_tmp_dir
 from qtrain.loss import causal_lm_loss_sum, forward_loss_sum, fused_head
-from qtrain.measure import (bound_heap_retention, current_rss_bytes, lr_at, machine_info, matmul_flops, mfu,
-                            peak_flops, peak_memory_bytes, tokens_per_second, train_flops_per_token, trim_heap)
+from qtrain.measure import (bound_heap_retention, current_rss_bytes, heap_allocator, lr_at, machine_info,
+                            matmul_flops, mfu, peak_flops, peak_memory_bytes, tokens_per_second,
+                            train_flops_per_token, trim_heap)
 from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.plan import ASSUMED_MFU
@@ -569,7 +570,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         "val_perplexity_before": round(math.exp(val_before), 4), "val_perplexity_after": round(math.exp(val_after), 4),
         "val_tokens": int(packed.val_ids.numel()), "trainable_params": trainable, "total_params": total,
         "flops_per_token": flops_tok, "peak_flops": ceiling, "peak_flops_source": ceiling_how,
-        "malloc_mmap_threshold_fixed": heap_bounded,
+        "malloc_mmap_threshold_fixed": heap_bounded, "allocator": heap_allocator(),
         "max_steps": recipe.max_steps, "planned_steps": horizon["steps"], "stopped_for_time": stopped_for_time,
         "time_limit_seconds": time_limit_s,
         "memory_limit_bytes": memory_limit_bytes, "backoffs": backoffs,

@@ -34,6 +34,10 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir, code_dir):
     s1 = json.loads((single / "summary.json").read_text())
     s2 = json.loads((double / "summary.json").read_text())
     assert s2["world_size"] == 2 and s1["world_size"] == 1
+    # `qtrain fit` re-executes itself with the system jemalloc when there is one (qtrain.measure.jemalloc_exec_env)
+    from qtrain.measure import find_jemalloc
+
+    assert s1["allocator"] == s2["allocator"] == ("jemalloc" if find_jemalloc() else "glibc")
     # tokens are counted across processes: twice the samples per step
     assert s2["train_tokens"] == 2 * s1["train_tokens"] == 2 * 3 * 2 * 2 * 64
     assert math.isfinite(s2["val_loss_after"]) and s2["steps"] == 3

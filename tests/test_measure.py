@@ -67,3 +67,23 @@ def test_accumulated_scaled_grads_equal_full_batch_mean_loss_grad():
 def test_loss_scale_accounts_for_ddp_averaging():
     assert loss_scale(100, 2) == pytest.approx(0.02)
     assert loss_scale(0, 1) == 1.0
+
+
+def test_fit_reexecs_with_jemalloc_only_when_wanted_and_found(monkeypatch):
+    import qtrain.measure as m
+    from qtrain.errors import QtrainError
+
+    monkeypatch.setattr(m, "heap_allocator", lambda: "glibc")
+    monkeypatch.setattr(m.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(m, "find_jemalloc", lambda: "/usr/lib/libjemalloc.so.2")
+    env = m.jemalloc_exec_env({"PATH": "/bin", "LD_PRELOAD": "/opt/other.so"})
+    assert env["LD_PRELOAD"] == "/usr/lib/libjemalloc.so.2:/opt/other.so" and env["PATH"] == "/bin"
+    assert m.jemalloc_exec_env(env) is None  # the re-executed process does not loop
+    assert m.jemalloc_exec_env({"QTRAIN_ALLOCATOR": "glibc"}) is None
+    assert m.fit_allocator({"QTRAIN_ALLOCATOR": "glibc"}) == "glibc" and m.fit_allocator({}) == "jemalloc"
+    with pytest.raises(QtrainError, match="QTRAIN_ALLOCATOR='tcmalloc'.*auto, jemalloc, glibc"):
+        m.jemalloc_exec_env({"QTRAIN_ALLOCATOR": "tcmalloc"})
+    monkeypatch.setattr(m, "find_jemalloc", lambda: None)
+    assert m.jemalloc_exec_env({}) is None and m.fit_allocator({}) == "glibc"
+    with pytest.raises(QtrainError, match="apt install libjemalloc2"):
+        m.jemalloc_exec_env({"QTRAIN_ALLOCATOR": "jemalloc"})
