@@ -191,7 +191,7 @@ def run_row(spec: dict) -> dict:
               "recipe": recipe.to_dict(), "energy": energy, "versions": _versions(), "platform": platform.platform(),
               **{k: summary[k] for k in ("method", "steps", "train_tokens", "tokens_per_second", "mfu", "peak_memory_bytes",
                                          "train_seconds", "val_loss_before", "val_loss_after", "trainable_params",
-                                         "machine", "device")}}
+                                         "machine", "device", "allocator")}}
     if spec["row"].get("export"):
         result["export"] = _export_row(Path(spec["run_dir"]))
     return result
@@ -252,8 +252,11 @@ def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, 
         out_path = spec_path.with_suffix(".result.json")
         out_path.unlink(missing_ok=True)
         t0 = time.perf_counter()
+        # each row trains on the host allocator `qtrain fit` would use (jemalloc when the system has it)
+        from qtrain.measure import jemalloc_exec_env
+
         proc = subprocess.run([sys.executable, "-m", "qtrain.bench", "_row", str(spec_path), str(out_path)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=jemalloc_exec_env(dict(os.environ)) or None)
         base = {"name": row["name"], "group": row["group"], "matrix": matrix, "overrides": row["overrides"],
                 "recipe_file": row.get("recipe"), "steps_requested": steps, "git": _git(),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
