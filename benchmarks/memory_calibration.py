@@ -180,13 +180,15 @@ def repeat(variant: str, times: int) -> None:
     except ValueError:
         raise SystemExit(f"--repeat {variant!r}: expected METHOD,CKPT,SEQ,MB[,ACCUM] such as lora,on,512,1")
     rows = [measure(spec) for _ in range(times)]
-    path = RESULTS / "memory_repeats.json"
+    path = RESULTS / f"memory_repeats{SUFFIX}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "memory_repeats", "variants": {}}
     result["machine"] = machine_info()
     result["variants"][variant] = {"git": _git(), "command": f"python benchmarks/memory_calibration.py --repeat "
-                                   f"{variant} --times {times}", "rows": rows}
+                                   f"{variant} --times {times}" + (f" --allocator {SUFFIX[1:]}" if SUFFIX else ""),
+                                   "rows": rows}
     atomic_write_json(path, result)
-    lines = ["# Run-to-run spread of peak RSS (identical runs, each in a fresh process)", "",
+    alloc = f", {SUFFIX[1:]} preloaded" if SUFFIX else ", glibc's allocator"
+    lines = [f"# Run-to-run spread of peak RSS (identical runs, each in a fresh process{alloc})", "",
              f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores).", "",
              "| variant (default model) | git | predicted (GiB) | measured, each run (GiB) | spread |", "|---|---|---|---|---|"]
     for name, v in result["variants"].items():
@@ -196,7 +198,7 @@ def repeat(variant: str, times: int) -> None:
         meas = [r["measured_peak_bytes"] / 2**30 for r in ok]
         lines.append(f"| {name} | {v['git']} | {ok[0]['predicted_peak_bytes'] / 2**30:.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in meas)} | {100 * (max(meas) / min(meas) - 1):.1f}% |")
-    atomic_write_text(RESULTS / "memory_repeats.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"memory_repeats{SUFFIX}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -221,7 +223,7 @@ def repredict(result: dict) -> dict:
         shape = shape_from_config(TINY_CONFIG, "tiny-llama") if r["model"] == "tiny-llama" else model_shape(None)
         recipe = load_recipe(None, [f"method={r['method']}", f"gradient_checkpointing={r['gc']}", f"seq_len={r['seq']}",
                                     f"micro_batch_size={r['mb']}", f"grad_accum_steps={r.get('accum', 1)}"])
-        pred = predict(shape, recipe, "cpu")
+        pred = predict(shape, recipe, "cpu", allocator=result.get("allocator", "glibc"))
         r["predicted_peak_bytes"], r["terms"] = pred.peak_bytes, pred.terms
         score(r)
     result["git_predicted"] = _git()

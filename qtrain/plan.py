@@ -47,7 +47,14 @@ FRAGMENTATION = {"cpu": 0.10, "cuda": 0.10}
 # gradients besides the LM head's were live at the peak, fitted on the default model at 1x512, 4x256 and 4x512
 # (measured 3.30-3.38, 4.21 and 5.84-5.87 GiB; the previous model, all gradients plus retention, predicted
 # 3.64, 4.37 and 6.27).
-FULL_GRADIENT_OVERLAP = 0.2
+FULL_GRADIENT_OVERLAP = {"glibc": 0.2, "jemalloc": 0.0}
+# With jemalloc (qtrain fit's allocator when the system has it, see measure.jemalloc_exec_env) freed memory is
+# reused: no retention term, and the gradients of full fine-tuning land in freed activation memory. Its runtime
+# baseline is 560 MiB (the tiny-model rows of benchmarks/results/memory_calibration_jemalloc.md sit ~60 MiB
+# below glibc's), fragmentation as with glibc. Loading: the checkpointed adapter rows, whose whole peak was
+# 1.32-1.44 GiB, bound it to at most ~1.55 copies of the weights beside the runtime; 1.5 is used.
+HOST_HEAP = {"jemalloc": (560 * 2**20, 0.10)}  # heap -> (runtime bytes, fragmentation share)
+LOAD_WEIGHT_COPIES = {"glibc": 2, "glibc-bounded": 2, "jemalloc": 1.5}
 ALLOCATOR_RETENTION = 0.75
 ALLOCATOR_RETENTION_CHECKPOINTED = 0.90
 
@@ -191,12 +198,12 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # it produces that layer's gradients, so the peak is at the start of backward, beside the LM head's gradient
     # (produced first) and only part of the rest: on a CPU, the share that freed activation memory does not
     # take back (FULL_GRADIENT_OVERLAP x the activations, at most all of them).
-    full_overlap = (heap == "glibc" and recipe.method in ("full", "bitnet") and not recipe.gradient_checkpointing
-                    and recipe.grad_accum_steps <= 1)
+    full_overlap = (heap in FULL_GRADIENT_OVERLAP and recipe.method in ("full", "bitnet")
+                    and not recipe.gradient_checkpointing and recipe.grad_accum_steps <= 1)
     if full_overlap:
         head_grad = min(terms["gradients"], shape.vocab * shape.hidden * grad_bytes)
         rest = terms["gradients"] - head_grad
-        terms["gradients"] = head_grad + min(rest, int(FULL_GRADIENT_OVERLAP * terms["activations"]))
+        terms["gradients"] = head_grad + min(rest, int(FULL_GRADIENT_OVERLAP[heap] * terms["activations"]))
     if heap == "glibc" and not full_overlap:
         # with checkpointing the retained heap still scales with the activations a non-checkpointed step would
         # have made (the recomputed layers free and re-allocate the same sizes)
@@ -219,13 +226,14 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # QLoRA's peak RSS was LoRA's plus 0.08-0.44 GiB on the default model, not 0.34 GiB less)
         terms["fp32_load_copy"] = int(linear * 4)
     body = sum(terms.values())
-    terms["runtime_overhead"] = RUNTIME_BYTES[kind] + int(FRAGMENTATION[kind] * body)
+    runtime, fragmentation = HOST_HEAP.get(heap, (RUNTIME_BYTES[kind], FRAGMENTATION[kind]))
+    terms["runtime_overhead"] = runtime + int(fragmentation * body)
     train_peak = sum(terms.values())
     # Loading: on a CPU the safetensors file is memory-mapped while its tensors are copied out, so for a
     # moment both count in RSS (QLoRA quantises from the full-precision copy, so the same holds).
     # On a GPU weights arrive shard by shard (quantised on the fly for QLoRA): no more than they end up as.
     full_weights = total * (4 if recipe.dtype == "float32" else 2)
-    load_peak = RUNTIME_BYTES[kind] + (2 * full_weights if kind == "cpu" else terms["weights"])
+    load_peak = runtime + (int(LOAD_WEIGHT_COPIES.get(heap, 2) * full_weights) if kind == "cpu" else terms["weights"])
     peak = max(train_peak, load_peak)
     head = shape.vocab * shape.hidden
     if recipe.method in ("lora", "qlora"):
