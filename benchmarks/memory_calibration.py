@@ -103,6 +103,7 @@ def main() -> None:
         repeat(args.repeat, args.times)
         return
     rows = []
+    git = _git()  # the code that measured, before any edit made while it runs
     with tempfile.TemporaryDirectory() as d:
         tiny = str(make_tiny_model(Path(d) / "tiny-llama"))
         variants = []
@@ -120,7 +121,6 @@ def main() -> None:
             r["model"] = "tiny-llama"
     from qtrain.measure import machine_info
 
-    git = _git()
     result = {"benchmark": "memory_calibration", "git": git, "machine": machine_info(), "rows": rows,
               "command": "python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")
               + (f" --times {args.times}" if args.times != 3 else "")
