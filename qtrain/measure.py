@@ -213,7 +213,7 @@ def jemalloc_exec_env(env: dict) -> dict | None:
 
     Why: with glibc's allocator the peak RSS of a CPU LoRA/QLoRA step is neither small nor repeatable -- freed
     activation memory stays in the heap, and identical runs of the default model peaked 2.40-3.09 GiB
-    (benchmarks/results/memory_calibration.md). With jemalloc the same run peaks at 1.35-1.36 GiB, every time,
+    (benchmarks/results/memory_calibration.md). With jemalloc the same run peaks at 1.34-1.36 GiB, every time,
     at the same throughput within 2% (benchmarks/results/allocator_speed.md); the planner can then predict the
     peak rather than a range. The library must
     be loaded before the interpreter starts, hence a re-exec (as Intel's ``ipexrun --enable-jemalloc`` does).
