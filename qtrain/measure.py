@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -172,6 +173,7 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch6
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
 
+@functools.lru_cache(maxsize=None)  # fixed for the life of a process; the planner asks once per candidate
 def heap_allocator() -> str:
     """The C allocator serving this process's tensors: "jemalloc" when it is loaded (LD_PRELOAD), else "glibc"."""
     try:
@@ -201,11 +203,8 @@ def requested_allocator(env: dict | None = None) -> str:
 
 def fit_allocator(env: dict | None = None) -> str:
     """The host allocator a ``qtrain fit`` started now would train on (what ``qtrain plan`` predicts for)."""
-    if heap_allocator() == "jemalloc":
-        return "jemalloc"
-    if platform.system() == "Linux" and requested_allocator(env) != "glibc" and find_jemalloc():
-        return "jemalloc"
-    return "glibc"
+    env = dict(os.environ) if env is None else env
+    return "jemalloc" if heap_allocator() == "jemalloc" or jemalloc_exec_env(env) is not None else "glibc"
 
 
 def jemalloc_exec_env(env: dict) -> dict | None:
@@ -215,8 +214,8 @@ def jemalloc_exec_env(env: dict) -> dict | None:
     activation memory stays in the heap, and identical runs of the default model peaked 2.40-3.09 GiB
     (benchmarks/results/memory_calibration.md). With jemalloc the same run peaks at 1.34-1.36 GiB, every time,
     at the same throughput within 2% (benchmarks/results/allocator_speed.md); the planner can then predict the
-    peak rather than a range. The library must
-    be loaded before the interpreter starts, hence a re-exec (as Intel's ``ipexrun --enable-jemalloc`` does).
+    peak rather than a range. The library must be loaded before the interpreter starts, hence a re-exec (as
+    Intel's ``ipexrun --enable-jemalloc`` does).
     ``QTRAIN_ALLOCATOR=glibc`` opts out; ``=jemalloc`` makes a missing library an error.
     """
     wanted = requested_allocator(env)

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from qtrain.plan import (FULL_GRADIENT_OVERLAP, NF4_BYTES_PER_PARAM, BudgetError, layer_activation_bytes, parse_bytes, plan_recipe, predict)
+from qtrain.plan import (FULL_GRADIENT_OVERLAP, NF4_BYTES_PER_PARAM, BudgetError, layer_activation_bytes, parse_bytes,
+                         plan_recipe, predict)
 from qtrain.recipe import Recipe
 from qtrain.shapes import known_models, lookup_known, shape_from_config
 
