@@ -29,7 +29,7 @@ FORMAT = 1
 # of these would silently train something else, so it is refused. max_steps, logging, eval and save
 # intervals may change on resume.
 RESUME_KEYS = ("method", "seq_len", "micro_batch_size", "grad_accum_steps", "lora_r", "lora_alpha",
-               "target_modules", "optimizer", "seed", "data_format", "fim_rate", "fim_mode", "val_fraction",
+               "target_modules", "optimizer", "seed", "data_format", "instruction_template", "fim_rate", "fim_mode", "val_fraction",
                "gradient_checkpointing", "dtype", "bitnet_warmup_steps", "bitnet_rms_norm")
 
 

@@ -20,7 +20,8 @@ import yaml
 from qtrain.errors import QtrainError
 
 Method = Literal["full", "lora", "qlora", "bitnet"]
-DataFormat = Literal["auto", "code", "text", "alpaca"]
+DataFormat = Literal["auto", "code", "text", "alpaca", "chat"]
+InstructionTemplate = Literal["auto", "chat", "alpaca"]
 FimMode = Literal["psm", "spm", "mixed"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -51,6 +52,10 @@ class Recipe:
     fused_cross_entropy: bool = True
     # data
     data_format: DataFormat = "auto"
+    # how instruction records (chat, prompt/completion, Alpaca) become text: the tokenizer's chat template, which
+    # is how `qtrain eval` and `qtrain serve` prompt an instruct model, or the Alpaca template; auto = chat where
+    # the tokenizer has a template
+    instruction_template: InstructionTemplate = "auto"
     seq_len: int = 512
     val_fraction: float = 0.05
     val_max_sequences: int = 32
@@ -208,14 +213,36 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def shipped_recipes_dir() -> Path:
+    """The recipes that ship with qtrain: ``qtrain/recipes`` in an installed wheel, ``recipes/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"
+    return installed if installed.is_dir() else here.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(shipped_recipes_dir().glob("*.yaml"))}
+
+
+def resolve_recipe_path(ref: str | Path) -> Path:
+    """A recipe file path, or the name of a shipped recipe (``cpu-lora`` or ``cpu-lora.yaml``)."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if str(ref) in (name, name + ".yaml") and name in shipped:
+        return shipped[name]
+    raise RecipeError(f"recipe {str(ref)!r} does not exist as a file and is not a shipped recipe; shipped: "
+                      f"{', '.join(shipped) or 'none found'} (qtrain recipes lists them)")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML (or the defaults) and apply ``key=value`` overrides."""
+    """Read a recipe YAML (a path or a shipped recipe's name; or the defaults) and apply ``key=value`` overrides."""
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist; see the recipes/ directory for shipped recipes")
+        path = resolve_recipe_path(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:

@@ -95,10 +95,12 @@ def build_data(data: str | None, recipe: Recipe, tokenizer, skip_bad_lines: bool
         max_file_bytes=recipe.max_file_bytes, near_dup_threshold=recipe.near_dup_threshold,
         val_fraction=recipe.val_fraction, skip_bad_lines=skip_bad_lines)
     new_ids = ensure_fim_tokens(tokenizer) if recipe.fim_rate > 0 else []
+    chat = recipe.instruction_template == "chat" or (
+        recipe.instruction_template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
     train_ex = tokenize_documents(train_docs, tokenizer, fim_rate=recipe.fim_rate, fim_mode=recipe.fim_mode,
-                                  seed=recipe.seed)
+                                  seed=recipe.seed, chat=chat)
     # Validation is plain causal LM (no FIM), so before/after perplexities are comparable across recipes.
-    val_ex = tokenize_documents(val_docs, tokenizer, seed=recipe.seed)
+    val_ex = tokenize_documents(val_docs, tokenizer, seed=recipe.seed, chat=chat)
     tr_ids, tr_lab, tr_drop = pack(train_ex, recipe.seq_len)
     va_ids, va_lab, _ = pack(val_ex, recipe.seq_len, allow_short=True)
     if len(tr_ids) == 0:
@@ -108,6 +110,8 @@ def build_data(data: str | None, recipe: Recipe, tokenizer, skip_bad_lines: bool
                         f"give more data or lower seq_len (e.g. seq_len={max(16, 2 ** int(math.log2(max(2, total // 2))))})")
     va_ids, va_lab = va_ids[: recipe.val_max_sequences], va_lab[: recipe.val_max_sequences]
     rep = report.to_dict()
+    if any(d.is_instruction for d in train_docs):
+        rep["instruction_template"] = "chat" if chat else "alpaca"
     rep.update(train_sequences=len(tr_ids), train_tokens_available=int(tr_ids.numel()), tail_tokens_dropped=tr_drop,
                val_sequences=len(va_ids), val_tokens=int(va_ids.numel()),
                fingerprint=_fingerprint(tr_ids, va_ids))
@@ -576,7 +580,8 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
         "memory_limit_bytes": memory_limit_bytes, "backoffs": backoffs,
         "micro_batch_size_final": micro_batch, "grad_accum_steps_final": accum,
         "world_size": world, "device": str(device), "machine": machine_info(), "versions": _versions(),
-        "data": {k: rep[k] for k in ("source", "format", "kept", "dropped", "train_sequences", "val_sequences")},
+        "data": {k: rep[k] for k in ("source", "format", "instruction_template", "kept", "dropped", "train_sequences",
+                                     "val_sequences") if k in rep},
         **(extra_summary or {}),
     }
     if accelerator.is_main_process:

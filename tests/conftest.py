@@ -58,3 +58,23 @@ def tiny_model_dir(tmp_path_factory, code_dir) -> Path:
     LlamaForCausalLM(config).save_pretrained(d)
     fast.save_pretrained(d)
     return d
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with a ChatML chat template (the shape of SmolLM2-Instruct's), as an instruct model."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    for p in tiny_model_dir.iterdir():
+        shutil.copy(p, d / p.name)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = CHATML
+    tok.save_pretrained(d)
+    return d

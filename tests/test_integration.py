@@ -66,3 +66,25 @@ def test_fit_budget_too_small_names_the_smallest_budget(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "is below the smallest recipe" in last and "try --budget" in last
     assert not (tmp_path / "r").exists()
+
+
+def test_chat_sft_masks_on_the_default_tokenizer():
+    """The default model's own template: the loss covers each answer and its <|im_end|>, nothing else, and the
+    prompt tokens are the ones qtrain eval feeds the model."""
+    from qtrain.data.corpus import Document
+    from qtrain.data.pack import IGNORE, tokenize_documents
+    from qtrain.evaluate import Problem, render_prompt
+    from qtrain.infer import Loaded
+    from qtrain.models import load_tokenizer, resolve_model_source
+
+    tok = load_tokenizer(resolve_model_source(None))
+    problem = Problem("MBPP/600", "", "Write a function add(a, b).", None, "", ["assert add(1, 2) == 3"], "")
+    answer = "```python\ndef add(a, b):\n    return a + b\n```"
+    msgs = [{"role": "user", "content": problem.instruction}, {"role": "assistant", "content": answer}]
+    ex = tokenize_documents([Document("", "r", messages=msgs)], tok, chat=True)[0]
+    prompt_ids = tok(render_prompt(Loaded(None, tok, "pytorch", "x"), problem, True), add_special_tokens=False).input_ids
+    n = len(prompt_ids)
+    assert ex.ids[:n].tolist() == prompt_ids and ex.labels[:n].tolist() == [IGNORE] * n
+    assert ex.labels[n:].tolist() == ex.ids[n:].tolist()
+    assert tok.decode(ex.ids[n:].tolist()) == answer + "<|im_end|>\n"
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(ex.ids[:n].tolist())

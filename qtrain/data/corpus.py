@@ -1,9 +1,10 @@
 """Read a corpus, clean it with the published rules, remove duplicates, and split it by content hash.
 
 Sources: a directory of source files (by extension, ``.gitignore`` respected), a JSONL file with a
-``text`` field, a JSONL file in Alpaca form (``instruction``, optional ``input``, ``output``), a hub
-dataset name (needs the ``datasets`` package and a network), or nothing: the Python standard library
-of the running interpreter.
+``text`` field, a JSONL file in Alpaca form (``instruction``, optional ``input``, ``output``), a JSONL file of
+chat records (``messages``: a list of ``{"role", "content"}``, or a ``prompt``/``completion`` pair, as in TRL's
+conversational formats), a hub dataset name (needs the ``datasets`` package and a network), or nothing: the
+Python standard library of the running interpreter.
 
 Cleaning follows the Codex paper (Chen et al. 2021, sec. 3.1) and CodeGeeX (Zheng et al. 2023): drop
 files with mean line length > 100, max line length > 1000, alphanumeric fraction < 0.25, auto-generated
@@ -50,11 +51,19 @@ class Document:
     text: str  # for alpaca: the rendered prompt
     source: str  # path, or "file.jsonl:LINE"
     response: str | None = None  # alpaca only: the part the loss is computed on
+    # instruction records (chat and Alpaca) as a conversation, for tokenizers with a chat template (pack.py)
+    messages: list[dict] | None = None
 
     @property
     def content(self) -> str:
         """What the cleaning and duplicate rules look at: the whole text the model will see."""
+        if self.messages is not None and self.response is None:
+            return "\n".join(m["content"] for m in self.messages)
         return self.text if self.response is None else self.text + self.response
+
+    @property
+    def is_instruction(self) -> bool:
+        return self.response is not None or self.messages is not None
 
 
 @dataclass
@@ -79,6 +88,42 @@ def render_alpaca(instruction: str, input_text: str | None) -> str:
         return ALPACA_TEMPLATE.format(paired=", paired with an input that provides further context",
                                       instruction=instruction, input_block=f"### Input:\n{input_text}\n\n")
     return ALPACA_TEMPLATE.format(paired="", instruction=instruction, input_block="")
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(rec: dict) -> list[dict]:
+    """A chat record as a list of messages: ``messages``, or ``prompt`` + ``completion`` (each a string or a list
+    of messages). Raises ValueError naming what is wrong."""
+    if "messages" in rec:
+        messages = rec["messages"]
+    else:
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        as_list = lambda x, role: [{"role": role, "content": x}] if isinstance(x, str) else x  # noqa: E731
+        messages = as_list(prompt, "user"), as_list(completion, "assistant")
+        if not all(isinstance(m, list) for m in messages):
+            raise ValueError("'prompt' and 'completion' must each be a string or a list of messages")
+        messages = messages[0] + messages[1]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise ValueError(f"message {i} must be an object with 'role' (one of {', '.join(ROLES)}) and string "
+                             "'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise ValueError("the conversation has no assistant message, so nothing to train on")
+    if out[0]["role"] == "assistant":
+        raise ValueError("the conversation starts with an assistant message; put the prompt before it")
+    return out
+
+
+def alpaca_messages(instruction: str, input_text: str | None, output: str) -> list[dict]:
+    """An Alpaca record as one user turn and one assistant turn (input appended to the instruction)."""
+    user = f"{instruction}\n\n{input_text}" if input_text else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def default_corpus_dir() -> Path:
@@ -163,14 +208,18 @@ def read_jsonl(path: Path, data_format: str, report: CorpusReport, skip_bad_line
                 if not isinstance(rec, dict):
                     raise ValueError("the line is JSON but not an object")
                 if fmt == "auto":
-                    fmt = "alpaca" if "instruction" in rec and "output" in rec else "text"
+                    fmt = record_format(rec)
                 if fmt == "alpaca":
                     instruction, output = rec.get("instruction"), rec.get("output")
                     inp = rec.get("input") or ""
                     if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(inp, str):
                         raise ValueError("an Alpaca record needs string fields 'instruction' and 'output' "
                                          "(and optionally 'input')")
-                    docs.append(Document(render_alpaca(instruction, inp), f"{path.name}:{lineno}", output))
+                    docs.append(Document(render_alpaca(instruction, inp), f"{path.name}:{lineno}", output,
+                                         alpaca_messages(instruction, inp, output)))
+                elif fmt == "chat":
+                    messages = chat_messages(rec)
+                    docs.append(Document("", f"{path.name}:{lineno}", messages=messages))
                 else:
                     text = rec.get("text")
                     if not isinstance(text, str):
@@ -183,6 +232,13 @@ def read_jsonl(path: Path, data_format: str, report: CorpusReport, skip_bad_line
                 raise DataError(f"{path}:{lineno}: {exc}; fix the line or pass --skip-bad-lines to skip and count "
                                 "bad lines") from None
     return docs, ("text" if fmt == "auto" else fmt)
+
+
+def record_format(rec: dict) -> str:
+    """The format of a JSONL record, from its keys: chat, alpaca or text."""
+    if "messages" in rec or ("prompt" in rec and "completion" in rec):
+        return "chat"
+    return "alpaca" if "instruction" in rec and "output" in rec else "text"
 
 
 def read_hub_dataset(name: str, data_format: str, report: CorpusReport) -> tuple[list[Document], str]:
@@ -198,14 +254,17 @@ def read_hub_dataset(name: str, data_format: str, report: CorpusReport) -> tuple
                         f"{str(exc).splitlines()[0]}") from None
     docs = []
     cols = set(ds.column_names)
-    fmt = data_format if data_format != "auto" else ("alpaca" if {"instruction", "output"} <= cols else "text")
+    fmt = data_format if data_format != "auto" else record_format(dict.fromkeys(cols))
     if fmt == "text" and "text" not in cols and "content" not in cols:
         raise DataError(f"hub dataset {name!r} has columns {sorted(cols)}; qtrain needs 'text' (or 'content'), "
                         "or 'instruction' + 'output'")
     for i, rec in enumerate(ds):
         report.files_seen += 1
         if fmt == "alpaca":
-            docs.append(Document(render_alpaca(rec["instruction"], rec.get("input") or ""), f"{name}:{i}", rec["output"]))
+            docs.append(Document(render_alpaca(rec["instruction"], rec.get("input") or ""), f"{name}:{i}", rec["output"],
+                                 alpaca_messages(rec["instruction"], rec.get("input") or "", rec["output"])))
+        elif fmt == "chat":
+            docs.append(Document("", f"{name}:{i}", messages=chat_messages(dict(rec))))
         else:
             docs.append(Document(rec.get("text") or rec.get("content") or "", f"{name}:{i}"))
     return docs, fmt
@@ -213,13 +272,17 @@ def read_hub_dataset(name: str, data_format: str, report: CorpusReport) -> tuple
 
 # ---------------------------------------------------------------------------------------------- cleaning
 
-def drop_reason(text: str, min_bytes: int, max_bytes: int) -> str | None:
-    """Why the Codex/CodeGeeX rules drop ``text``, or None to keep it."""
+def drop_reason(text: str, min_bytes: int, max_bytes: int, source_file: bool = True) -> str | None:
+    """Why the Codex/CodeGeeX rules drop ``text``, or None to keep it. The line-shape rules describe source files;
+    an instruction record (``source_file=False``) is prose plus code, where one sentence is one long line, so it
+    is held to the size bounds only."""
     size = len(text.encode("utf-8"))
     if size < min_bytes:
         return "too_small"
     if size > max_bytes:
         return "too_large"
+    if not source_file:
+        return None
     lines = text.splitlines() or [""]
     lengths = [len(line) for line in lines]
     if max(lengths) > 1000:
@@ -322,14 +385,15 @@ def load_corpus(data: str | None, *, data_format: str = "auto", extensions: list
                 raise DataError(f"--data directory {str(data)!r} is not readable; check its permissions")
             docs = read_directory(path, exts, report)
             fmt = "code" if data_format == "auto" else data_format
-            if fmt == "alpaca":
-                raise DataError(f"--data {str(data)!r} is a directory, but data_format=alpaca needs a JSONL file")
+            if fmt in ("alpaca", "chat"):
+                raise DataError(f"--data {str(data)!r} is a directory, but data_format={fmt} needs a JSONL file")
         elif path.is_file():
             if not os.access(path, os.R_OK):
                 raise DataError(f"--data file {str(data)!r} is not readable; check its permissions")
             if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
                 raise DataError(f"--data file {str(data)!r} is not JSONL; give a .jsonl file (records with 'text', "
-                                "or 'instruction'/'output') or a directory of source files")
+                                "'messages', 'prompt'/'completion' or 'instruction'/'output') or a directory of "
+                                "source files")
             try:
                 docs, fmt = read_jsonl(path, data_format, report, skip_bad_lines)
             except UnicodeDecodeError as exc:
@@ -343,7 +407,7 @@ def load_corpus(data: str | None, *, data_format: str = "auto", extensions: list
 
     cleaned = []
     for d in docs:
-        reason = drop_reason(d.content, min_file_bytes, max_file_bytes)
+        reason = drop_reason(d.content, min_file_bytes, max_file_bytes, source_file=not d.is_instruction)
         if reason:
             report.dropped[reason] += 1
         else:

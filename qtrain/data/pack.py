@@ -5,6 +5,13 @@ padding, so every token the model sees is a real one (as in GPT-2/Codex pre-trai
 ``run_clm``; attention crosses document boundaries, which the EOS marks). Alpaca records are packed the
 same way, but their prompt tokens carry label -100, so the loss is computed on responses only.
 
+Instruction records (chat ``messages``, ``prompt``/``completion``, and Alpaca) are rendered with the tokenizer's
+chat template when it has one, so a model is trained on exactly the text ``qtrain eval`` and ``qtrain serve``
+prompt it with; the loss is on the assistant turns only (each turn's text and its end-of-turn marker).
+Transformers' ``return_assistant_tokens_mask`` needs ``{% generation %}`` markers that most templates (SmolLM2's
+among them) lack, so the turns are found by rendering the conversation prefix by prefix, and each piece is
+tokenized on its own, as the prompt is at inference.
+
 FIM (Bavarian et al. 2022, "Efficient Training of Language Models to Fill in the Middle"; Code Llama
 sec. 2.3): with probability ``fim_rate`` a document is split at two uniformly random character
 positions into prefix/middle/suffix and reordered as PSM ``<PRE> prefix <SUF> suffix <MID> middle`` or
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qtrain.data.corpus import DataError, Document, content_bucket
+from qtrain.data.corpus import DataError, Document, content_bucket, render_alpaca
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
 FIM_TOKENS = (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
@@ -50,20 +57,56 @@ class Example:
     labels: np.ndarray
 
 
-def tokenize_documents(docs: list[Document], tokenizer, *, fim_rate: float = 0.0, fim_mode: str = "mixed",
-                       seed: int = 0) -> list[Example]:
-    """Token ids and labels per document, EOS appended; FIM applied at ``fim_rate``; Alpaca prompts masked.
+def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The conversation rendered by the tokenizer's chat template, cut into (text, is_assistant_turn) pieces."""
+    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
+                                                                  add_generation_prompt=gen)
+    full = render(messages)
+    pieces, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(messages[:i], True), render(messages[:i + 1])
+        if not (end.startswith(start) and full.startswith(end) and len(start) >= pos):
+            raise DataError("this tokenizer's chat template does not render a conversation prefix by prefix, so the "
+                            "assistant turns cannot be found; set instruction_template=alpaca")
+        pieces += [(full[pos:len(start)], False), (full[len(start):len(end)], True)]
+        pos = len(end)
+    if pos < len(full):
+        pieces.append((full[pos:], False))
+    return [(t, a) for t, a in pieces if t]
 
+
+def _as_alpaca(doc: Document) -> tuple[str, str]:
+    """A chat record without a chat template: one user turn (after an optional system turn) and one answer."""
+    roles = [m["role"] for m in doc.messages]
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise DataError(f"{doc.source}: a conversation with turns {roles} needs a tokenizer with a chat template; "
+                        "this one has none (single-turn records are rendered in the Alpaca form)")
+    user, answer = doc.messages[-2]["content"], doc.messages[-1]["content"]
+    return render_alpaca(user, None), answer
+
+
+def tokenize_documents(docs: list[Document], tokenizer, *, fim_rate: float = 0.0, fim_mode: str = "mixed",
+                       seed: int = 0, chat: bool = False) -> list[Example]:
+    """Token ids and labels per document, EOS appended; FIM applied at ``fim_rate``; instruction prompts masked.
+
+    ``chat``: render instruction records with the tokenizer's chat template (else the Alpaca template).
     Documents are tokenized in batches and turned into int32 arrays at once, so the transient memory of
     Python int lists stays bounded by one batch.
     """
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise DataError("instruction_template=chat, but the tokenizer has no chat template; use "
+                        "instruction_template=alpaca or a model with a chat template")
     out: list[Example] = []
     for start in range(0, len(docs), 256):
-        out += _tokenize_batch(docs[start:start + 256], tokenizer, fim_rate=fim_rate, fim_mode=fim_mode, seed=seed)
+        out += _tokenize_batch(docs[start:start + 256], tokenizer, fim_rate=fim_rate, fim_mode=fim_mode, seed=seed,
+                               chat=chat)
     return out
 
 
-def _tokenize_batch(docs: list[Document], tokenizer, *, fim_rate: float, fim_mode: str, seed: int) -> list[Example]:
+def _tokenize_batch(docs: list[Document], tokenizer, *, fim_rate: float, fim_mode: str, seed: int,
+                    chat: bool) -> list[Example]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token, which packing needs to separate documents; "
@@ -73,9 +116,14 @@ def _tokenize_batch(docs: list[Document], tokenizer, *, fim_rate: float, fim_mod
     pieces: list[str] = []
     plans: list[tuple] = []
     for d in docs:
-        if d.response is not None:
+        if d.messages is not None and chat:
+            segments = chat_segments(tokenizer, d.messages)
+            plans.append(("chat", len(pieces), [a for _, a in segments]))
+            pieces += [t for t, _ in segments]
+            continue
+        if d.is_instruction:
             plans.append(("alpaca", len(pieces)))
-            pieces += [d.text, d.response]
+            pieces += [d.text, d.response] if d.response is not None else list(_as_alpaca(d))
             continue
         rng = random.Random(f"{seed}:{content_bucket(d.text)}")
         if fim_ids and rng.random() < fim_rate:
@@ -88,8 +136,15 @@ def _tokenize_batch(docs: list[Document], tokenizer, *, fim_rate: float, fim_mod
     enc = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
     out = []
     arr = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
-    for kind, i in plans:
-        if kind == "plain":
+    for kind, i, *rest in plans:
+        if kind == "chat":
+            # the template's end-of-turn marker ends the record (it is SmolLM2's EOS); no EOS is appended
+            ids, labels = [], []
+            for piece, trained in zip(enc[i:i + len(rest[0])], rest[0]):
+                ids += piece
+                labels += piece if trained else [IGNORE] * len(piece)
+            out.append(Example(arr(ids), arr(labels)))
+        elif kind == "plain":
             ids = arr(enc[i] + [eos])
             out.append(Example(ids, ids))
         elif kind == "alpaca":
