@@ -157,7 +157,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    from qtrain.recipe import shipped_recipes
+
+    for path in shipped_recipes().values():
         r = load_recipe(path)
         print(f"{path.name:28s} method={r.method:6s} seq_len={r.seq_len:<5d} batch={r.micro_batch_size}x"
               f"{r.grad_accum_steps} max_steps={r.max_steps}")
@@ -327,7 +329,7 @@ def _eval_options(args, task: str, limit, data):
     return EvalOptions(task=task, data=data,
                        n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p, ks=ks or (1,),
                        limit=limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                       workers=args.workers, timeout_s=args.timeout, seed=args.seed)
+                       workers=args.workers, timeout_s=args.timeout, seed=args.seed, engine=args.engine)
 
 
 def _print_eval(summary: dict, out) -> None:
@@ -354,6 +356,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rejection_sample(args: argparse.Namespace) -> int:
+    from qtrain.selftrain import SampleOptions, run_rejection_sampling
+
+    opts = SampleOptions(problems=args.problems, output=args.output, samples_per_problem=args.samples_per_problem,
+                         temperature=args.temperature, top_p=args.top_p, keep_per_problem=args.keep_per_problem,
+                         add_references=args.references, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, seed=args.seed, timeout_s=args.timeout, workers=args.workers,
+                         limit=args.limit, previous=args.previous)
+    report = run_rejection_sampling(args.model, opts, say=lambda m: print(m, file=sys.stderr, flush=True))
+    r = report["rounds"][-1]
+    print(f"round {r['round']}: {r['problems_solved']}/{r['problems']} problems solved by a sample "
+          f"({r['samples_passed']}/{r['samples']} samples passed), {r['samples_kept']} kept, "
+          f"{r['references_passed']}/{r['references_run']} reference solutions passed; wrote {report['records']} "
+          f"records to {args.output} ({report['records_by_origin']}) and its .report.json")
+    return 0
+
+
 def _add_eval_args(p, with_task: bool = True) -> None:
     if with_task:
         p.add_argument("--task", default="humaneval", choices=["humaneval", "mbpp"])
@@ -362,7 +381,10 @@ def _add_eval_args(p, with_task: bool = True) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--k", default="1", help="pass@k values, comma-separated (each <= --n-samples)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (left padding)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"],
+                   help="continuous batching (PyTorch models; a finished answer's slot goes to the next prompt) or "
+                   "static batches through transformers' generate (default: continuous where the model allows)")
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
@@ -498,6 +520,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", nargs="+", metavar="SUMMARY", help="print these summary.json files side by side")
     ev.add_argument("-o", "--output", help="output directory (default: runs/eval-TASK-TIMESTAMP)")
     ev.set_defaults(func=cmd_eval)
+
+    rs = sub.add_parser("rejection-sample", help="chat SFT data from sampled solutions that pass their tests",
+                        description="Sample answers to training problems, run them with their tests in the sandbox, "
+                                    "keep those that pass (plus the reference solutions that pass) as chat SFT JSONL "
+                                    "for qtrain fit --data. MBPP's test split and HumanEval are refused.")
+    rs.add_argument("model", nargs="?", help="run directory, model dir / hub id / .gguf; default: embedded")
+    rs.add_argument("--problems", required=True,
+                    help="MBPP's original mbpp.jsonl (task ids 511-974 are used) or JSONL of task_id, prompt, tests")
+    rs.add_argument("-o", "--output", required=True, help="JSONL to write (a .report.json is written beside it)")
+    rs.add_argument("-k", "--samples-per-problem", type=int, default=4)
+    rs.add_argument("--temperature", type=float, default=0.8)
+    rs.add_argument("--top-p", type=float, default=0.95)
+    rs.add_argument("--keep-per-problem", type=int, default=2, help="distinct passing samples kept per problem")
+    rs.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                    help="also keep the dataset's reference solutions that pass their tests")
+    rs.add_argument("--previous", help="an earlier round's output: its records are kept and the round number grows")
+    rs.add_argument("--limit", type=int, help="first N problems only")
+    rs.add_argument("--max-new-tokens", type=int, default=384)
+    rs.add_argument("--batch-size", type=int, default=16)
+    rs.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
+    rs.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    rs.add_argument("--seed", type=int, default=0)
+    rs.set_defaults(func=cmd_rejection_sample)
 
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(func=cmd_recipes)

@@ -244,6 +244,7 @@ class EvalOptions:
     seed: int = 0
     perplexity: bool = True
     ppl_data: str | None = None
+    engine: str = "auto"  # "continuous" (PyTorch models), "static" (fixed batches through generate), or auto
 
 
 def _check_options(opts: EvalOptions) -> None:
@@ -380,44 +381,82 @@ def _read_samples(path: str, problems) -> list[dict]:
 
 
 def _generate_all(loaded, problems: list[Problem], opts: EvalOptions, chat: bool, say) -> tuple[list[dict], dict]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     stops = [] if chat else HUMANEVAL_STOPS
     jobs = [(p, i) for p in problems for i in range(opts.n_samples)]
     texts = {p.task_id: render_prompt(loaded, p, chat) for p in problems}
     # similar lengths together: less padding per batch
     order = sorted(range(len(jobs)), key=lambda j: len(texts[jobs[j][0].task_id]))
+    prompts = [texts[jobs[j][0].task_id] for j in order]
+    outputs = generate_texts(loaded, prompts, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                             top_p=opts.top_p, stops=stops, chat=chat, batch_size=opts.batch_size, seed=opts.seed,
+                             engine=opts.engine)
     results: dict[int, dict] = {}
-    total_tokens, gen_seconds, latencies = 0, 0.0, []
+    for j, (text, n) in zip(order, outputs.texts):
+        p, i = jobs[j]
+        completion = truncate_at_stops(text, stops) if stops else text
+        results[j] = {"task_id": p.task_id, "sample": i, "completion": completion, "gen_tokens": n}
+    return [results[j] for j in range(len(jobs))], outputs.stats
+
+
+@dataclass
+class Generated:
+    texts: list[tuple[str, int]]  # (text, new tokens) per prompt, in the prompts' order
+    stats: dict
+
+
+def generate_texts(loaded, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                   stops: list[str], chat: bool, batch_size: int, seed: int, engine: str = "auto") -> Generated:
+    """Generate for many prompts with a progress bar: continuous batching for PyTorch models (qtrain/generate.py),
+    fixed batches through ``generate`` otherwise (ONNX exports) or when ``engine='static'``."""
     import sys
 
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from qtrain.generate import generate_many, supports_continuous_batching
+
+    if engine not in ("auto", "continuous", "static"):
+        raise EvalError(f"--engine {engine!r} is not known; use auto, continuous or static")
+    continuous = engine != "static" and loaded.kind == "pytorch" and supports_continuous_batching(loaded.model)
+    if engine == "continuous" and not continuous:
+        raise EvalError(f"--engine continuous needs a PyTorch model with a full-attention KV cache; {loaded.name} "
+                        "is not one (use --engine static)")
     tty = sys.stderr.isatty()
+    start = time.perf_counter()
+    tokens = [0]
+
     with Progress(TextColumn("generating"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False, disable=not tty) as bar:
-        task = bar.add_task("gen", total=len(jobs), rate="")
-        for b in range(0, len(order), opts.batch_size):
-            idx = order[b:b + opts.batch_size]
-            batch_texts = [texts[jobs[j][0].task_id] for j in idx]
-            outs, counts, secs = generate_batch(loaded, batch_texts, opts.max_new_tokens, opts.temperature,
-                                                opts.top_p, stops, opts.seed + b, chat=chat)
-            for j, text, n in zip(idx, outs, counts):
-                p, i = jobs[j]
-                completion = truncate_at_stops(text, stops) if stops else text
-                results[j] = {"task_id": p.task_id, "sample": i, "completion": completion, "gen_tokens": n,
-                              "gen_seconds": round(secs, 3)}
-            total_tokens += sum(counts)
-            gen_seconds += secs
+        task = bar.add_task("gen", total=len(prompts), rate="")
+
+        def progress(n_done: int, n_tokens: int) -> None:
+            tokens[0] += n_tokens
+            rate = f"{tokens[0] / max(time.perf_counter() - start, 1e-9):.1f} tok/s"
+            bar.update(task, advance=n_done, rate=rate)
+            done = int(bar.tasks[0].completed)
+            if not tty and (done % 16 == 0 or done == len(prompts)):  # a log gets a line now and then, not a bar
+                print(f"generated {done}/{len(prompts)} ({rate}, {time.perf_counter() - start:.0f} s)",
+                      file=sys.stderr, flush=True)
+
+        if continuous:
+            finished, stats = generate_many(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, top_p=top_p, stops=stops, closed_fence=chat,
+                                            batch_size=batch_size, seed=seed,
+                                            on_finish=lambda f: progress(1, f.tokens))
+            return Generated([(f.text, f.tokens) for f in finished], stats)
+        texts: list[tuple[str, int]] = []
+        latencies = []
+        for b in range(0, len(prompts), batch_size):
+            outs, counts, secs = generate_batch(loaded, prompts[b:b + batch_size], max_new_tokens, temperature,
+                                                top_p, stops, seed + b, chat=chat)
+            texts += list(zip(outs, counts))
             latencies.append(secs)
-            bar.update(task, advance=len(idx), rate=f"{total_tokens / max(gen_seconds, 1e-9):.1f} tok/s")
-            if not tty:  # a log file gets one line per batch instead of a bar
-                print(f"generated {min(b + opts.batch_size, len(order))}/{len(order)} "
-                      f"({total_tokens / max(gen_seconds, 1e-9):.1f} tok/s, {gen_seconds:.0f} s)", file=sys.stderr,
-                      flush=True)
-    samples = [results[j] for j in range(len(jobs))]
-    return samples, {"generation_tokens": total_tokens, "generation_seconds": round(gen_seconds, 2),
-                     "generation_tokens_per_second": round(total_tokens / max(gen_seconds, 1e-9), 2),
-                     "batch_latency_seconds_median": round(float(np.median(latencies)), 3) if latencies else None,
-                     "batch_size": opts.batch_size}
+            progress(len(outs), sum(counts))
+    seconds = time.perf_counter() - start
+    total = sum(n for _, n in texts)
+    return Generated(texts, {"generation_tokens": total, "generation_seconds": round(seconds, 2),
+                             "generation_tokens_per_second": round(total / max(seconds, 1e-9), 2),
+                             "batch_latency_seconds_median": round(float(np.median(latencies)), 3) if latencies else None,
+                             "batch_size": batch_size, "engine": "static"})
 
 
 def _perplexity(loaded, data: str | None, positions: int = 2048) -> float | None:
@@ -439,16 +478,49 @@ def _perplexity(loaded, data: str | None, positions: int = 2048) -> float | None
     return round(math.exp(nll / n), 4)
 
 
-def compare(paths: list[str]) -> str:
-    """Two or more summary.json files side by side (e.g. base vs fine-tuned)."""
-    rows = []
+def per_problem_pass(records: list[dict]) -> dict[str, float]:
+    """Task id -> pass@1 estimate (fraction of its samples that passed)."""
+    per: dict[str, list[bool]] = {}
+    for r in records:
+        per.setdefault(r["task_id"], []).append(bool(r["passed"]))
+    return {t: sum(v) / len(v) for t, v in per.items()}
+
+
+def _summary_path(p: str) -> Path:
+    f = Path(p)
+    if f.is_dir():
+        f = f / "summary.json"
+    if not f.is_file():
+        raise EvalError(f"{p!r} is not a summary.json or an eval output directory")
+    return f
+
+
+def paired_comparisons(paths: list[str]) -> list[dict]:
+    """Each evaluation after the first against the first, paired on the problems both scored (qtrain/stats.py).
+    Needs the samples.jsonl written beside each summary.json."""
+    from qtrain.stats import compare_paired
+
+    scores = []
     for p in paths:
-        f = Path(p)
-        if f.is_dir():
-            f = f / "summary.json"
-        if not f.is_file():
-            raise EvalError(f"{p!r} is not a summary.json or an eval output directory")
-        rows.append((str(p), json.loads(f.read_text())))
+        samples = _summary_path(p).parent / "samples.jsonl"
+        if not samples.is_file():
+            raise EvalError(f"{str(samples)!r} is missing: the paired test needs each evaluation's samples.jsonl")
+        records = [row for _, row in read_jsonl(str(samples), "samples file", "an eval output's samples.jsonl")]
+        if not all(isinstance(r, dict) and isinstance(r.get("task_id"), str) and isinstance(r.get("passed"), bool)
+                   for r in records):
+            raise EvalError(f"{samples} lacks task_id/passed fields: is it a scored samples.jsonl from qtrain eval?")
+        scores.append(per_problem_pass(records))
+    out = []
+    for p, s in zip(paths[1:], scores[1:]):
+        result = compare_paired(scores[0], s)
+        out.append({"before_path": paths[0], "after_path": p, **result.to_dict(), "text": result.describe()})
+    return out
+
+
+def compare(paths: list[str], paired: bool = True) -> str:
+    """Two or more evaluations side by side (e.g. base vs fine-tuned), then each against the first, paired."""
+    rows = [(str(p), json.loads(_summary_path(p).read_text())) for p in paths]
+    tasks = {s.get("task") for _, s in rows}
     keys = ["task", "model", "prompting", "problems", "samples"] + sorted(
         {k for _, s in rows for k in s if k.startswith("pass@")}) + [
         "test_case_accuracy", "strict_accuracy", "bleu", "val_perplexity", "generation_tokens_per_second",
@@ -457,4 +529,11 @@ def compare(paths: list[str]) -> str:
              "|---|" + "---|" * len(rows)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(str(s.get(k, "")) for _, s in rows) + " |")
+    if paired and len(rows) > 1:
+        if len(tasks) > 1:
+            raise EvalError(f"these evaluations are of different tasks ({', '.join(sorted(map(str, tasks)))}); "
+                            "a paired comparison needs the same problems")
+        lines.append("")
+        for c in paired_comparisons(paths):
+            lines.append(f"- {c['after_path']} vs {c['before_path']}: {c['text']}")
     return "\n".join(lines)
