@@ -5,7 +5,7 @@ memory figures), with CodeCarbon's offline tracker around the whole run. Each fi
 ``OUTPUT/rows/`` (git sha, package versions, machine, recipe, figures); a row that failed is kept with its error.
 Running the same matrix again into the same directory skips the rows that finished and retries the rest.
 
-Matrices: ``methods`` (full / LoRA / QLoRA / BitNet x gradient checkpointing), ``tradeoff`` (seed 000's study: LoRA
+Matrices: ``methods`` (full / LoRA / QLoRA / BitNet x gradient checkpointing), ``tradeoff`` (a full-vs-LoRA trade-off study's variables: LoRA
 rank, batch size, sequence length, learning rate and target modules, one varied at a time from its initial values),
 ``budget`` (what the planner picks in 4 / 8 / 16 / 24 GB for a list of models on CUDA: no training), or a YAML file
 ``{rows: [{name, recipe, overrides: {key: value}}]}``.
@@ -29,8 +29,7 @@ from typing import Any
 
 from qtrain.errors import QtrainError
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (git sha of a measurement)
 # every training row of a matrix: short, no checkpoints, a smaller validation set (figures, not a model)
 BENCH_DEFAULTS = {"save_every": 0, "eval_every": 0, "val_max_sequences": 8, "warmup_steps": 1, "log_every": 1}
 BUDGETS_GIB = (4, 8, 16, 24)
@@ -55,7 +54,7 @@ def _methods_rows() -> list[dict]:
     return rows
 
 
-# seed 000's trade-off study: initial values and ranges ("Conf-6" target modules read as all linear layers)
+# the trade-off study of small-code-LLM fine-tuning (full vs LoRA): its initial values and ranges ("Conf-6" target modules read as all linear layers)
 TRADEOFF_BASE = {"method": "lora", "lora_r": 64, "lora_alpha": 128, "micro_batch_size": 2, "grad_accum_steps": 1,
                  "seq_len": 1024, "learning_rate": 5e-5, "target_modules": "all-linear", "lora_dropout": 0.05}
 TRADEOFF_RANGES = {"lora_r": [8, 16, 32, 64, 128], "micro_batch_size": [1, 2, 4],
@@ -109,12 +108,14 @@ def row_recipe(row: dict, steps: int):
 
     import yaml
 
+    from qtrain.recipe import RecipeError, resolve_recipe_path
+
     values: dict[str, Any] = {}
     if row.get("recipe"):
-        path = Path(row["recipe"])
-        path = path if path.is_file() else RECIPES / row["recipe"]
-        if not path.is_file():
-            raise BenchError(f"row {row['name']!r}: recipe {row['recipe']!r} not found (looked in {RECIPES})")
+        try:
+            path = resolve_recipe_path(row["recipe"])
+        except RecipeError as exc:
+            raise BenchError(f"row {row['name']!r}: {exc}") from None
         values = yaml.safe_load(path.read_text()) or {}
     values = {**values, **BENCH_DEFAULTS, **row["overrides"], "max_steps": steps, "name": f"bench-{row['name']}"}
     values["warmup_steps"] = min(values.get("warmup_steps", 1), max(1, steps // 2))
@@ -153,7 +154,13 @@ def run_row(spec: dict) -> dict:
     from qtrain.plan import model_shape, predict
     from qtrain.train import _versions, fit
 
-    recipe = row_recipe(spec["row"], spec["steps"])
+    row = spec["row"]
+    if row.get("no_train"):  # the untrained model, scored like the others (the quality matrix's reference)
+        from qtrain.train import _versions
+
+        return {"status": "ok", "method": "base", "steps": 0, "versions": _versions(), "platform": platform.platform(),
+                "quality": _quality_eval(spec, spec.get("model"))}
+    recipe = row_recipe(row, spec["steps"])
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     try:
         predicted = predict(model_shape(spec.get("model")), recipe, device).peak_bytes
@@ -170,7 +177,8 @@ def run_row(spec: dict) -> dict:
         pass
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    summary = fit(recipe, model=spec.get("model"), data=spec.get("data"), output=spec["run_dir"], overwrite=True)
+    summary = fit(recipe, model=spec.get("model"), data=row.get("data") or spec.get("data"), output=spec["run_dir"],
+                  overwrite=True, time_limit_s=row.get("time_s"))
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -192,9 +200,27 @@ def run_row(spec: dict) -> dict:
               **{k: summary[k] for k in ("method", "steps", "train_tokens", "tokens_per_second", "mfu", "peak_memory_bytes",
                                          "train_seconds", "val_loss_before", "val_loss_after", "trainable_params",
                                          "machine", "device", "allocator")}}
-    if spec["row"].get("export"):
+    if row.get("export"):
         result["export"] = _export_row(Path(spec["run_dir"]))
+    if spec.get("quality"):
+        result["quality"] = _quality_eval(spec, spec["run_dir"])
     return result
+
+
+def _quality_eval(spec: dict, model) -> dict:
+    """The row's model on the quality matrix's held-out sets: MBPP test pass@1 (greedy) and held-out code
+    perplexity; the samples stay in the row's directory for paired comparisons."""
+    from qtrain.evaluate import EvalOptions, run_eval
+    from qtrain.stats import wilson_interval
+
+    q = spec["quality"]
+    out = Path(spec["run_dir"]) / "eval-mbpp"
+    s = run_eval(model, EvalOptions(task="mbpp", data=q["mbpp"], limit=q.get("limit")), out, say=lambda m: None)
+    solved = sum(json.loads(x)["passed"] for x in (out / "samples.jsonl").read_text().splitlines())
+    return {"task": "mbpp", "problems": s["problems"], "pass@1": s["pass@1"], "solved": solved,
+            "wilson95": [round(x, 4) for x in wilson_interval(solved, s["problems"])],
+            "val_perplexity": s.get("val_perplexity"), "eval_dir": str(out),
+            "generation_tokens_per_second": s.get("generation_tokens_per_second")}
 
 
 def _export_row(run_dir: Path) -> dict:
@@ -219,7 +245,8 @@ def _git() -> str:
 
 
 def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, data: str | None = None,
-               country: str = "USA", say=print, keep_runs: bool = False) -> list[dict]:
+               country: str = "USA", say=print, keep_runs: bool = False, rows: list[dict] | None = None,
+               quality: dict | None = None) -> list[dict]:
     """Run every row not yet finished in ``output``; returns all rows (finished, failed) in matrix order.
 
     A row's run directory keeps its summary and metrics; its weights and checkpoints are deleted once the row
@@ -229,9 +256,10 @@ def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, 
 
     if steps <= 0:
         raise BenchError(f"--steps {steps} must be positive")
-    rows = matrix_rows(matrix)
+    rows = rows if rows is not None else matrix_rows(matrix)
     for r in rows:
-        row_recipe(r, steps)  # a bad row is an error before hours of running
+        if not r.get("no_train"):
+            row_recipe(r, steps)  # a bad row is an error before hours of running
     rows_dir = output / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -243,9 +271,11 @@ def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, 
                 say(f"[{i}/{len(rows)}] {row['name']}: done before, kept")
                 results.append(old)
                 continue
-        say(f"[{i}/{len(rows)}] {row['name']}: training {steps} steps ...")
+        say(f"[{i}/{len(rows)}] {row['name']}: " + ("evaluating the untrained model ..." if row.get("no_train") else
+                                                    f"training {row['time_s'] / 60:.0f} minutes ..." if row.get("time_s")
+                                                    else f"training {steps} steps ..."))
         spec = {"row": row, "steps": steps, "model": model, "data": data, "country": country,
-                "run_dir": str(output / "runs" / _slug(row["name"]))}
+                "run_dir": str(output / "runs" / _slug(row["name"])), "quality": quality}
         spec_path = output / "runs" / f"{_slug(row['name'])}.spec.json"
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(spec_path, spec)
@@ -262,9 +292,15 @@ def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, 
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if proc.returncode == 0 and out_path.is_file():
             result = {**base, **json.loads(out_path.read_text())}
-            say(f"    {result['tokens_per_second']:.1f} tok/s, peak {result['peak_memory_bytes'] / 2**30:.2f} GiB, "
-                f"val loss {result['val_loss_after']:.3f}"
-                + (f", {result['energy']['kwh'] * 1000:.2f} Wh ({result['energy']['label']})" if result.get("energy") else ""))
+            if result.get("tokens_per_second") is not None:
+                say(f"    {result['tokens_per_second']:.1f} tok/s, peak {result['peak_memory_bytes'] / 2**30:.2f} GiB, "
+                    f"val loss {result['val_loss_after']:.3f}"
+                    + (f", {result['energy']['kwh'] * 1000:.2f} Wh ({result['energy']['label']})"
+                       if result.get("energy") else ""))
+            if result.get("quality"):
+                q = result["quality"]
+                say(f"    MBPP pass@1 {q['pass@1']:.2%} on {q['problems']} problems, held-out perplexity "
+                    f"{q['val_perplexity']}")
         else:
             tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-1:] or [f"exit code {proc.returncode}"]
             result = {**base, "status": "failed", "error": tail[0][-600:],
@@ -490,7 +526,7 @@ def plot_rows(rows: list[dict], output: Path) -> list[Path]:
                     ax.set_xlabel(g)
                 ax.tick_params(axis="x", labelsize=7, rotation=30)
             axes[0][j].set_title(f"varying {g}", fontsize=9)
-        fig.suptitle("Trade-offs from seed 000's initial values (LoRA r64, batch 2, seq 1024, lr 5e-5, all linear)",
+        fig.suptitle("Trade-offs from the study's initial values (LoRA r64, batch 2, seq 1024, lr 5e-5, all linear)",
                      fontsize=9)
         fig.tight_layout()
         made.append(_save(fig, output / "tradeoff_curves.png"))
@@ -538,9 +574,12 @@ def render_budget(rows: list[dict], output: Path, command: str) -> str:
 # ---------------------------------------------------------------------------------------------- --budget answer
 
 def answer_budget(budget: str, model: str | None, device: str, results: list[Path], limit: int = 10) -> str:
-    """The recipes that fit ``budget``, ranked as the planner ranks them, with measured figures where a bench
-    row ran the same method / checkpointing / sequence length / micro-batch on this kind of device."""
+    """The recipes that fit ``budget``. Where a quality matrix measured a method (MBPP pass@1 after equal
+    wall-clock training, qtrain/quality.py), those come first, best measured quality first; the rest follow in the
+    planner's order, marked as planned only. Memory and speed are measured where a bench row ran the same method /
+    checkpointing / sequence length / micro-batch on this kind of device."""
     from qtrain.plan import default_budget, detect_device, format_bytes, model_shape, parse_bytes, plan_recipe
+    from qtrain.quality import measured_quality
     from qtrain.recipe import Recipe
 
     dev, mem = detect_device(device)
@@ -550,28 +589,45 @@ def answer_budget(budget: str, model: str | None, device: str, results: list[Pat
     for d in results:
         if (Path(d) / "rows").is_dir():
             measured += [r for r in load_rows(Path(d)) if r.get("status") == "ok"]
+    same_device = lambda m: m.get("device", "cpu").split(":")[0] == dev.split(":")[0] and model is None  # noqa: E731
+    quality = measured_quality([m for m in measured if same_device(m)])
 
     def match(c):
         r = c.recipe
         for m in measured:
-            x = m["recipe"]
-            if (x["method"], x["gradient_checkpointing"], x["seq_len"], x["micro_batch_size"]) == \
-                    (r.method, r.gradient_checkpointing, r.seq_len, r.micro_batch_size) and \
-                    m["device"].split(":")[0] == dev.split(":")[0] and (model is None):
+            x = m.get("recipe")
+            if x and (x["method"], x["gradient_checkpointing"], x["seq_len"], x["micro_batch_size"]) == \
+                    (r.method, r.gradient_checkpointing, r.seq_len, r.micro_batch_size) and same_device(m):
                 return m
         return None
 
-    lines = [f"recipes that fit {format_bytes(budget_bytes)} on {dev} for {plan.model} (ranked: quality, then "
-             f"sequence length, then speed); measured = a bench row of the same shape on this device kind", "",
-             f"{'#':>3}  {'method':7}{'ckpt':5}{'seq':>6}{'batch':>7}  {'peak':>10}  {'tok/s':>7}  source"]
-    for i, c in enumerate(plan.candidates[:limit], 1):
+    candidates = plan.candidates[:limit]
+    order = sorted(range(len(candidates)), key=lambda i: (
+        candidates[i].recipe.method not in quality,
+        -quality[candidates[i].recipe.method]["quality"]["pass@1"] if candidates[i].recipe.method in quality else 0,
+        i))
+    lines = [f"recipes that fit {format_bytes(budget_bytes)} on {dev} for {plan.model}; ranked by measured quality "
+             "(MBPP pass@1 after equal wall-clock training, a quality bench row of the same method) where it exists, "
+             "then as the planner ranks (method, sequence length, speed); peak and tok/s measured where a bench row "
+             "of the same shape ran on this device kind", "",
+             f"{'#':>3}  {'method':7}{'ckpt':5}{'seq':>6}{'batch':>7}  {'peak':>10}  {'tok/s':>7}  {'quality':>22}  source"]
+    for rank, i in enumerate(order, 1):
+        c = candidates[i]
         r, m = c.recipe, match(c)
         peak = m["peak_memory_bytes"] if m else c.prediction.peak_bytes
         tps = m["tokens_per_second"] if m else c.prediction.tokens_per_second
+        q = quality.get(r.method)
+        qtext = (f"{q['quality']['pass@1']:.1%} MBPP ({q['name']})" if q else "planned only")
         src = f"measured ({m['name']}, predicted {format_bytes(c.prediction.peak_bytes)})" if m else "predicted"
-        lines.append(f"{i:>3}  {r.method:7}{'yes' if r.gradient_checkpointing else 'no':5}{r.seq_len:>6}"
-                     f"{f'{r.micro_batch_size}x{r.grad_accum_steps}':>7}  {format_bytes(peak):>10}  {tps:>7.1f}  {src}")
-    lines += ["", f"pick: #1 ({plan.reason}); run it with: qtrain fit --budget {budget or format_bytes(budget_bytes)}"]
+        lines.append(f"{rank:>3}  {r.method:7}{'yes' if r.gradient_checkpointing else 'no':5}{r.seq_len:>6}"
+                     f"{f'{r.micro_batch_size}x{r.grad_accum_steps}':>7}  {format_bytes(peak):>10}  {tps:>7.1f}  "
+                     f"{qtext:>22}  {src}")
+    pick = candidates[order[0]] if order else plan.chosen
+    why = (f"the best measured quality that fits ({quality[pick.recipe.method]['name']})"
+           if pick.recipe.method in quality else plan.reason)
+    lines += ["", f"pick: #1 ({why}); `qtrain fit --budget {budget or format_bytes(budget_bytes)}` trains the planner's "
+              f"pick ({plan.chosen.recipe.method})" + (f"; for this one pass method={pick.recipe.method} and its shape"
+                                                       if pick is not plan.chosen else "")]
     return "\n".join(lines)
 
 

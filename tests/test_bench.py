@@ -112,3 +112,47 @@ def test_report_of_only_failed_rows(tmp_path):
     rows = [{"name": "a", "status": "failed", "error": "CUDA is not available"}]
     text = bench.render_report(rows, tmp_path, "t", "qtrain bench --matrix x")
     assert "| a | FAILED: CUDA is not available |" in text
+
+
+def test_quality_matrix_scores_every_row_pairs_it_with_base_and_ranks_the_budget(tmp_path, chat_model_dir, code_dir,
+                                                                                capsys):
+    from test_eval import mbpp_path
+
+    from qtrain.quality import quality_rows
+
+    if mbpp_path() is None:
+        pytest.skip("mbpp.jsonl not found (set QTRAIN_MBPP)")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Write f{i}.", "completion": f"```python\ndef f{i}():\n    return "
+                                       f"{i}\n```"}) + "\n" for i in range(40)))
+    rows = quality_rows(2.0, str(sft), methods=(("lora", None),))
+    assert [r["name"] for r in rows] == ["base", "lora+code", "lora+selftrain"]
+    for r in rows[1:]:
+        r["overrides"].update(SMALL, method="lora", near_dup_threshold=1.0)
+    out = tmp_path / "q"
+    results = bench.run_matrix("quality", out, 1_000_000, model=str(chat_model_dir), data=str(code_dir), rows=rows,
+                               quality={"mbpp": str(mbpp_path()), "limit": 2}, say=lambda m: None)
+    assert [r["status"] for r in results] == ["ok"] * 3, [r.get("error") for r in results]
+    for r in results:
+        q = r["quality"]
+        assert q["problems"] == 2 and q["pass@1"] == 0.0 and q["val_perplexity"] > 1
+        assert q["wilson95"][0] == 0.0 and 0 < q["wilson95"][1] < 1
+    trained = results[1:]
+    assert all(r["steps"] >= 1 and r["recipe"]["max_steps"] == 1_000_000 for r in trained)
+    assert trained[1]["recipe"]["name"] == "bench-lora+selftrain"
+    from qtrain.quality import render_quality
+
+    text = render_quality(bench.load_rows(out), out, "cmd")
+    assert "| lora+selftrain | lora | selftrain |" in text and "+0.00% (+0.00% to +0.00%)" in text
+    assert (out / "quality_vs_memory.png").stat().st_size > 10_000
+    assert cli.main(["bench", "--report", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["bench", "--budget", "8GB", "--device", "cpu", "--results", str(out)]) == 0
+    answer = capsys.readouterr().out
+    first = [line for line in answer.splitlines() if line.strip().startswith("1 ")][0]
+    assert "lora" in first and "MBPP (lora+" in first and "planned only" in answer
+
+
+def test_quality_matrix_needs_its_eval_data(capsys):
+    assert cli.main(["bench", "--matrix", "quality"]) == 2
+    assert "--eval-data" in capsys.readouterr().err
