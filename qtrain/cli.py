@@ -260,6 +260,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           "for the recipes that fit, or --report DIR to redraw a result")
     if args.report:
         rows = bench.load_rows(Path(args.report))
+        if rows and rows[0].get("matrix") == "quality":
+            from qtrain.quality import render_quality
+
+            print(render_quality(rows, Path(args.report), "qtrain bench --matrix quality (see rows/*.json)"))
+            return 0
         print(bench.render_report(rows, Path(args.report), f"qtrain bench: {Path(rows[0]['matrix']).stem if rows else '?'} matrix",
                                   f"qtrain bench --matrix {rows[0]['matrix'] if rows else '?'} --steps "
                                   f"{rows[0]['steps_requested'] if rows else '?'}"))
@@ -269,6 +274,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         models = [args.model] if args.model else list(bench.BUDGET_MODELS)
         print(bench.render_budget(bench.budget_table(models), out, "qtrain bench --matrix budget"))
         return 0
+    if args.matrix == "quality":
+        return _bench_quality(args)
     if args.matrix:
         name = Path(args.matrix).stem
         out = Path(args.output or f"runs/bench-{name}")
@@ -282,8 +289,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   "retry them (finished rows are kept)", file=sys.stderr)
             return 1
         return 0
-    results = [Path(p) for p in (args.results or [])] or [RECIPES_DIR.parent / "benchmarks" / "results" / "bench-methods"]
+    shipped = RECIPES_DIR.parent / "benchmarks" / "results"
+    results = [Path(p) for p in (args.results or [])] or [shipped / "bench-methods", shipped / "bench-quality"]
     print(bench.answer_budget(args.budget, args.model, args.device, results))
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from qtrain import bench
+    from qtrain.quality import quality_rows, render_quality
+
+    if not args.eval_data:
+        raise RecipeError("--matrix quality scores every row on MBPP's test split: give --eval-data mbpp.jsonl")
+    if args.eval_limit is not None and args.eval_limit <= 0:
+        raise RecipeError(f"--eval-limit {args.eval_limit} must be positive")
+    time_s = parse_duration(args.time or "20m")
+    out = Path(args.output or "runs/bench-quality")
+    rows = bench.run_matrix("quality", out, 1_000_000, model=args.model, data=args.data, country=args.country,
+                            say=lambda m: print(m, flush=True), keep_runs=args.keep_runs,
+                            rows=quality_rows(time_s, args.sft_data),
+                            quality={"mbpp": str(Path(args.eval_data).resolve()), "limit": args.eval_limit})
+    command = (f"qtrain bench --matrix quality --time {args.time or '20m'} --eval-data MBPP.jsonl"
+               + (f" --eval-limit {args.eval_limit}" if args.eval_limit else "")
+               + (" --sft-data SELFTRAIN.jsonl" if args.sft_data else ""))
+    print(render_quality(rows, out, command))
+    failed = [r["name"] for r in rows if r.get("status") != "ok"]
+    if failed:
+        print(f"qtrain bench: {len(failed)} row(s) failed: {', '.join(failed)}; run the same command again to retry "
+              "them (finished rows are kept)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -396,6 +430,9 @@ def _add_eval_args(p, with_task: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtrain", description="Fine-tune small code models within a memory budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log library messages")
+    from qtrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"qtrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fine-tune a model", description="Fine-tune a model on code. Any recipe field "
@@ -481,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     ben = sub.add_parser("bench", help="benchmark a matrix of recipes (memory, tokens/s, energy, loss) or answer a budget",
                          description="Run a matrix of recipes, each in its own process under CodeCarbon, into one JSON "
                                      "per row, then Markdown tables and PNG plots; or list what fits a budget.")
-    ben.add_argument("--matrix", help="methods, tradeoff, budget (planner only) or a YAML file of rows")
+    ben.add_argument("--matrix", help="methods, tradeoff, quality (equal wall-clock, scored on MBPP and held-out "
+                     "code), budget (planner only) or a YAML file of rows")
     ben.add_argument("--steps", type=int, default=3, help="optimizer steps per row (default 3)")
     ben.add_argument("--model", help="model for every row (default: the embedded model)")
     ben.add_argument("--data", help="training data for every row (default: the standard-library corpus)")
@@ -493,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--keep-runs", action="store_true",
                      help="keep each row's trained weights in OUTPUT/runs (default: only its summary and metrics)")
     ben.add_argument("--country", default="USA", help="ISO code of the grid whose carbon intensity CodeCarbon uses")
+    ben.add_argument("--time", help="quality matrix: wall-clock training time per row (default 20m)")
+    ben.add_argument("--sft-data", help="quality matrix: self-training JSONL (qtrain rejection-sample) for the "
+                     "'+selftrain' rows")
+    ben.add_argument("--eval-data", help="quality matrix: MBPP's original mbpp.jsonl (its test split scores each row)")
+    ben.add_argument("--eval-limit", type=int, help="quality matrix: the first N MBPP test problems (default all 500)")
     ben.set_defaults(func=cmd_bench)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible completion server and a web page to try the model",

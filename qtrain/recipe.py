@@ -26,7 +26,7 @@ FimMode = Literal["psm", "spm", "mixed"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
-# Target-module presets of seed 000's trade-off study ("Attention Modules", "Fully Connected Module",
+# Target-module presets of the full-vs-LoRA trade-off study of small code models ("Attention Modules", "Fully Connected Module",
 # "Language Feature Modules") plus the usual all-linear. Resolved against the real module names of
 # the loaded model in qtrain.methods, so they work for any decoder architecture.
 TARGET_PRESETS = ("attention", "mlp", "language", "attention+mlp", "all-linear", "all")
