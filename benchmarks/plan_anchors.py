@@ -20,17 +20,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 # (label, source, published GiB, model, recipe overrides)
 ANCHORS = [
     ("torchtune Llama-3.1-8B QLoRA, 1x RTX 4090, batch 2, seq 2048, checkpointing",
-     "torchtune README (as quoted in DESIGN.md)", 7.4, "meta-llama/Llama-3.1-8B",
+     "torchtune README", 7.4, "meta-llama/Llama-3.1-8B",
      ["method=qlora", "dtype=bfloat16", "seq_len=2048", "micro_batch_size=2", "gradient_checkpointing=true",
       "lora_r=8", "lora_alpha=16", "target_modules=all-linear"]),
     ("torchtune Llama-3.1-8B LoRA, 1x RTX 4090, batch 2, seq 2048, checkpointing",
-     "torchtune README (as quoted in DESIGN.md)", 16.2, "meta-llama/Llama-3.1-8B",
+     "torchtune README", 16.2, "meta-llama/Llama-3.1-8B",
      ["method=lora", "dtype=bfloat16", "seq_len=2048", "micro_batch_size=2", "gradient_checkpointing=true",
       "lora_r=8", "lora_alpha=16", "target_modules=all-linear"]),
-    ("LLaMA-Factory 7B QLoRA-4 (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table (as quoted in DESIGN.md)", 6.0,
+    ("LLaMA-Factory 7B QLoRA-4 (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table", 6.0,
      "codellama/CodeLlama-7b-hf", ["method=qlora", "dtype=bfloat16", "seq_len=512", "micro_batch_size=1",
                                    "gradient_checkpointing=true"]),
-    ("LLaMA-Factory 7B LoRA (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table (as quoted in DESIGN.md)", 16.0,
+    ("LLaMA-Factory 7B LoRA (\"estimated\", settings not stated)", "LLaMA-Factory README hardware table", 16.0,
      "codellama/CodeLlama-7b-hf", ["method=lora", "dtype=bfloat16", "seq_len=512", "micro_batch_size=1",
                                    "gradient_checkpointing=true"]),
 ]

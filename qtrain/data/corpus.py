@@ -83,7 +83,7 @@ class CorpusReport:
 
 
 def render_alpaca(instruction: str, input_text: str | None) -> str:
-    """The Alpaca prompt (Taori et al. 2023) as seed 002 uses it, up to and including '### Response:'."""
+    """The Alpaca prompt (Taori et al. 2023) as LoRA instruction-tuning of code models uses it, up to and including '### Response:'."""
     if input_text:
         return ALPACA_TEMPLATE.format(paired=", paired with an input that provides further context",
                                       instruction=instruction, input_block=f"### Input:\n{input_text}\n\n")
