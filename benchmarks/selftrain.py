@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "selftrain-bench"))
     ap.add_argument("-k", type=int, default=4, help="samples per training problem")
     ap.add_argument("--recipe", default="cpu-selftrain")
+    ap.add_argument("--rs-max-new-tokens", type=int, default=256,
+                    help="longest sampled answer (MBPP solutions are short; a rambling sample fails anyway)")
     ap.add_argument("--no-speed", action="store_true", help="skip the static-batch HumanEval run")
     ap.add_argument("--limit", type=int, help="smoke test: first N problems of every set")
     ap.add_argument("--max-steps", type=int, help="smoke test: training steps")
@@ -89,8 +91,8 @@ def main() -> None:
           work / "base-humaneval" / "summary.json")
     stage("base_mbpp", q + ["eval", "--task", "mbpp", "--data", mbpp, "-o", str(work / "base-mbpp")] + lim,
           work / "base-mbpp" / "summary.json")
-    stage("rejection_sample", q + ["rejection-sample", "--problems", mbpp, "-k", str(args.k), "-o",
-                                   str(work / "data.jsonl")] + lim, work / "data.report.json")
+    stage("rejection_sample", q + ["rejection-sample", "--problems", mbpp, "-k", str(args.k), "--max-new-tokens",
+                                   str(args.rs_max_new_tokens), "-o", str(work / "data.jsonl")] + lim, work / "data.report.json")
     stage("fit", q + ["fit", "--recipe", args.recipe, "--data", str(work / "data.jsonl"), "-o", str(model)] + steps,
           model / "summary.json")
     stage("tuned_humaneval", q + ["eval", str(model), "--task", "humaneval", "-o", str(work / "tuned-humaneval")] + lim,
@@ -102,7 +104,8 @@ def main() -> None:
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
     result = {"benchmark": "selftrain", "machine": machine_info(), "git": git,
-              "command": f"python benchmarks/selftrain.py --mbpp MBPP.jsonl -k {args.k}", "timings_seconds": timings,
+              "command": f"python benchmarks/selftrain.py --mbpp MBPP.jsonl -k {args.k}"
+                         + (f" --max-steps {args.max_steps}" if args.max_steps else ""), "timings_seconds": timings,
               "pipeline_seconds": round(timings.get("rejection_sample", 0) + timings.get("fit", 0), 1),
               "data_report": json.loads((work / "data.report.json").read_text()),
               "training": {k: json.loads((model / "summary.json").read_text()).get(k) for k in (

@@ -159,7 +159,7 @@ def run_row(spec: dict) -> dict:
         from qtrain.train import _versions
 
         return {"status": "ok", "method": "base", "steps": 0, "versions": _versions(), "platform": platform.platform(),
-                "quality": _quality_eval(spec, spec.get("model"))}
+                "model_ref": spec.get("model"), "quality": _quality_eval(spec, spec.get("model"))}
     recipe = row_recipe(row, spec["steps"])
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     try:
@@ -195,7 +195,7 @@ def run_row(spec: dict) -> dict:
                   "sanity": {"cpu_seconds": round(cpu_s, 2), "tdp_per_core_w": (mode["tdp_w"] / cores) if mode["tdp_w"] else None,
                              "expected_cpu_kwh": expected,
                              "ratio": (d.cpu_energy / expected) if expected else None}}
-    result = {"status": "ok", "predicted_peak_bytes": predicted, "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu_s, 2),
+    result = {"status": "ok", "model_ref": spec.get("model"), "predicted_peak_bytes": predicted, "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu_s, 2),
               "recipe": recipe.to_dict(), "energy": energy, "versions": _versions(), "platform": platform.platform(),
               **{k: summary[k] for k in ("method", "steps", "train_tokens", "tokens_per_second", "mfu", "peak_memory_bytes",
                                          "train_seconds", "val_loss_before", "val_loss_after", "trainable_params",
@@ -216,8 +216,12 @@ def _quality_eval(spec: dict, model) -> dict:
     q = spec["quality"]
     out = Path(spec["run_dir"]) / "eval-mbpp"
     s = run_eval(model, EvalOptions(task="mbpp", data=q["mbpp"], limit=q.get("limit")), out, say=lambda m: None)
-    solved = sum(json.loads(x)["passed"] for x in (out / "samples.jsonl").read_text().splitlines())
+    from qtrain.evaluate import per_problem_pass
+
+    per_problem = per_problem_pass([json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()])
+    solved = round(sum(per_problem.values()))
     return {"task": "mbpp", "problems": s["problems"], "pass@1": s["pass@1"], "solved": solved,
+            "per_problem": per_problem,
             "wilson95": [round(x, 4) for x in wilson_interval(solved, s["problems"])],
             "val_perplexity": s.get("val_perplexity"), "eval_dir": str(out),
             "generation_tokens_per_second": s.get("generation_tokens_per_second")}
@@ -589,7 +593,9 @@ def answer_budget(budget: str, model: str | None, device: str, results: list[Pat
     for d in results:
         if (Path(d) / "rows").is_dir():
             measured += [r for r in load_rows(Path(d)) if r.get("status") == "ok"]
-    same_device = lambda m: m.get("device", "cpu").split(":")[0] == dev.split(":")[0] and model is None  # noqa: E731
+    # a row counts for this question when it ran on this kind of device and the same model (None: the default)
+    same_device = lambda m: (m.get("device", "cpu").split(":")[0] == dev.split(":")[0]  # noqa: E731
+                             and m.get("model_ref") == model)
     quality = measured_quality([m for m in measured if same_device(m)])
 
     def match(c):
@@ -601,11 +607,11 @@ def answer_budget(budget: str, model: str | None, device: str, results: list[Pat
                 return m
         return None
 
-    candidates = plan.candidates[:limit]
+    candidates = plan.candidates
     order = sorted(range(len(candidates)), key=lambda i: (
         candidates[i].recipe.method not in quality,
         -quality[candidates[i].recipe.method]["quality"]["pass@1"] if candidates[i].recipe.method in quality else 0,
-        i))
+        i))[:limit]
     lines = [f"recipes that fit {format_bytes(budget_bytes)} on {dev} for {plan.model}; ranked by measured quality "
              "(MBPP pass@1 after equal wall-clock training, a quality bench row of the same method) where it exists, "
              "then as the planner ranks (method, sequence length, speed); peak and tok/s measured where a bench row "

@@ -31,8 +31,8 @@ def quality_rows(time_s: float, sft_data: str | None = None, methods=QUALITY_MET
 
 
 def paired_against_base(rows: list[dict]) -> dict[str, dict]:
-    """Row name -> paired comparison of its MBPP samples against the base row's (qtrain/stats.py)."""
-    from qtrain.evaluate import paired_comparisons
+    """Row name -> paired comparison of its per-problem MBPP verdicts against the base row's (qtrain/stats.py)."""
+    from qtrain.stats import compare_paired
 
     base = next((r for r in rows if r.get("name") == "base" and r.get("quality")), None)
     out = {}
@@ -41,10 +41,8 @@ def paired_against_base(rows: list[dict]) -> dict[str, dict]:
     for r in rows:
         if r is base or not r.get("quality"):
             continue
-        try:
-            out[r["name"]] = paired_comparisons([base["quality"]["eval_dir"], r["quality"]["eval_dir"]])[0]
-        except Exception as exc:  # a missing samples file is reported in the table, not fatal to the report
-            out[r["name"]] = {"error": str(exc)}
+        result = compare_paired(base["quality"]["per_problem"], r["quality"]["per_problem"])
+        out[r["name"]] = {**result.to_dict(), "text": result.describe()}
     return out
 
 

@@ -128,7 +128,7 @@ def test_quality_matrix_scores_every_row_pairs_it_with_base_and_ranks_the_budget
     rows = quality_rows(2.0, str(sft), methods=(("lora", None),))
     assert [r["name"] for r in rows] == ["base", "lora+code", "lora+selftrain"]
     for r in rows[1:]:
-        r["overrides"].update(SMALL, method="lora", near_dup_threshold=1.0)
+        r["overrides"].update(SMALL, method="lora", near_dup_threshold=1.0, min_file_bytes=1)
     out = tmp_path / "q"
     results = bench.run_matrix("quality", out, 1_000_000, model=str(chat_model_dir), data=str(code_dir), rows=rows,
                                quality={"mbpp": str(mbpp_path()), "limit": 2}, say=lambda m: None)
@@ -147,10 +147,16 @@ def test_quality_matrix_scores_every_row_pairs_it_with_base_and_ranks_the_budget
     assert (out / "quality_vs_memory.png").stat().st_size > 10_000
     assert cli.main(["bench", "--report", str(out)]) == 0
     capsys.readouterr()
-    assert cli.main(["bench", "--budget", "8GB", "--device", "cpu", "--results", str(out)]) == 0
+    assert cli.main(["bench", "--budget", "8GB", "--device", "cpu", "--model", str(chat_model_dir), "--results",
+                     str(out)]) == 0
     answer = capsys.readouterr().out
     first = [line for line in answer.splitlines() if line.strip().startswith("1 ")][0]
-    assert "lora" in first and "MBPP (lora+" in first and "planned only" in answer
+    assert "lora" in first and "MBPP (lora+" in first
+    # every candidate of an unmeasured method follows, marked as planned only
+    full = bench.answer_budget("8GB", str(chat_model_dir), "cpu", [out], limit=1000)
+    methods = [line.split()[1] for line in full.splitlines() if line[:4].strip().isdigit()]
+    assert methods.index("full") > max(i for i, m in enumerate(methods) if m == "lora")
+    assert all("planned only" in line for line in full.splitlines() if line[:4].strip().isdigit() and " full " in line)
 
 
 def test_quality_matrix_needs_its_eval_data(capsys):
