@@ -58,15 +58,26 @@ def stop_reason(text: str, stops: list[str], closed_fence: bool) -> str | None:
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0 (argmax of fp32 logits, as ``generate``); otherwise temperature + nucleus sampling."""
+    """Greedy at temperature 0 (argmax of fp32 logits, as ``generate``); otherwise temperature + nucleus sampling.
+
+    The nucleus is found with ``topk`` on a growing k, not a sort of the whole vocabulary: sorting 49,152
+    probabilities per row per step took ~100 ms here, longer than the forward pass of the whole batch.
+    """
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    k = 64
+    while True:
+        top, index = torch.topk(probs, min(k, probs.numel()))
+        mass = torch.cumsum(top, 0)
+        if mass[-1] >= top_p or k >= probs.numel():
+            break
+        k *= 8
+    n = int(torch.searchsorted(mass, torch.tensor([top_p], dtype=mass.dtype))) + 1  # smallest prefix reaching top_p
+    top, index = top[:n], index[:n]
+    return int(index[torch.multinomial(top / top.sum(), 1, generator=generator)])
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -83,3 +83,17 @@ def test_which_models_take_continuous_batching(tiny):
         assert not supports_continuous_batching(model)
     finally:
         model.config.sliding_window = None
+
+
+def test_nucleus_keeps_the_smallest_prefix_that_reaches_top_p():
+    from qtrain.generate import _pick
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {_pick(logits, 1.0, 0.75, g) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 < 0.75 <= 0.8
+    assert {_pick(logits, 1.0, 0.5, g) for _ in range(50)} == {0}
+    assert {_pick(logits, 1.0, 1.0, g) for _ in range(600)} == {0, 1, 2, 3}
+    assert _pick(logits, 0.0, 0.5, g) == 0
+    big = torch.randn(50_000) * 0.01  # a flat distribution: the nucleus needs most of the vocabulary
+    assert 0 <= _pick(big, 1.0, 0.99, g) < 50_000
