@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "selftrain-bench"))
     ap.add_argument("-k", type=int, default=4, help="samples per training problem")
     ap.add_argument("--recipe", default="cpu-selftrain")
-    ap.add_argument("--rs-max-new-tokens", type=int, default=256,
+    ap.add_argument("--rs-batch-size", type=int, default=32, help="rows sampled together (more rows, more tokens/s)")
+    ap.add_argument("--rs-max-new-tokens", type=int, default=192,
                     help="longest sampled answer (MBPP solutions are short; a rambling sample fails anyway)")
     ap.add_argument("--no-speed", action="store_true", help="skip the static-batch HumanEval run")
     ap.add_argument("--limit", type=int, help="smoke test: first N problems of every set")
@@ -92,7 +93,8 @@ def main() -> None:
     stage("base_mbpp", q + ["eval", "--task", "mbpp", "--data", mbpp, "-o", str(work / "base-mbpp")] + lim,
           work / "base-mbpp" / "summary.json")
     stage("rejection_sample", q + ["rejection-sample", "--problems", mbpp, "-k", str(args.k), "--max-new-tokens",
-                                   str(args.rs_max_new_tokens), "-o", str(work / "data.jsonl")] + lim, work / "data.report.json")
+                                   str(args.rs_max_new_tokens), "--batch-size", str(args.rs_batch_size), "-o",
+                                   str(work / "data.jsonl")] + lim, work / "data.report.json")
     stage("fit", q + ["fit", "--recipe", args.recipe, "--data", str(work / "data.jsonl"), "-o", str(model)] + steps,
           model / "summary.json")
     stage("tuned_humaneval", q + ["eval", str(model), "--task", "humaneval", "-o", str(work / "tuned-humaneval")] + lim,
@@ -104,7 +106,8 @@ def main() -> None:
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
     result = {"benchmark": "selftrain", "machine": machine_info(), "git": git,
-              "command": f"python benchmarks/selftrain.py --mbpp MBPP.jsonl -k {args.k}"
+              "command": f"python benchmarks/selftrain.py --mbpp MBPP.jsonl -k {args.k} --rs-batch-size "
+                         f"{args.rs_batch_size} --rs-max-new-tokens {args.rs_max_new_tokens}"
                          + (f" --max-steps {args.max_steps}" if args.max_steps else ""), "timings_seconds": timings,
               "pipeline_seconds": round(timings.get("rejection_sample", 0) + timings.get("fit", 0), 1),
               "data_report": json.loads((work / "data.report.json").read_text()),

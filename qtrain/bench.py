@@ -430,7 +430,22 @@ def render_report(rows: list[dict], output: Path, title: str, command: str) -> s
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
     text = "\n".join(lines) + "\n"
     atomic_write_text(output / "report.md", text)
+    if ok:
+        atomic_write_text(output / "summary.md", render_cost_summary(ok, title, command))
     return text
+
+
+def render_cost_summary(rows: list[dict], title: str, command: str) -> str:
+    """What each row costs, in the few numbers a user picks a recipe by (for the README)."""
+    m = rows[0].get("machine") or {}
+    lines = [f"# {title}: what each recipe costs on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), default model, "
+             f"git {rows[0].get('git', '?')} (`{command}`)", "",
+             "| recipe | peak memory (GiB) | tokens/s | energy (Wh per million tokens) |", "|---|---|---|---|"]
+    for r in rows:
+        e = r.get("energy") or {}
+        wh = f"{e['kwh'] * 1000 / (r['train_tokens'] / 1e6):.0f}" if e.get("kwh") else "-"
+        lines.append(f"| {r['name']} | {_gib(r['peak_memory_bytes'])} | {r['tokens_per_second']:.0f} | {wh} |")
+    return "\n".join(lines) + "\n"
 
 
 def _label(ax, points: list[tuple[str, float, float]]) -> None:
