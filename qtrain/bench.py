@@ -592,13 +592,25 @@ def render_budget(rows: list[dict], output: Path, command: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- --budget answer
 
+def measured_quality(rows: list[dict]) -> dict[str, dict]:
+    """Method -> the best quality row of that method (by MBPP pass@1, then perplexity), for ranking a budget."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("status") != "ok" or not r.get("quality") or not r.get("steps"):
+            continue
+        key = (r["quality"]["pass@1"], -(r["quality"]["val_perplexity"] or float("inf")))
+        cur = best.get(r["method"])
+        if cur is None or key > (cur["quality"]["pass@1"], -(cur["quality"]["val_perplexity"] or float("inf"))):
+            best[r["method"]] = r
+    return best
+
+
 def answer_budget(budget: str, model: str | None, device: str, results: list[Path], limit: int = 10) -> str:
     """The recipes that fit ``budget``. Where a quality matrix measured a method (MBPP pass@1 after equal
     wall-clock training, qtrain/quality.py), those come first, best measured quality first; the rest follow in the
     planner's order, marked as planned only. Memory and speed are measured where a bench row ran the same method /
     checkpointing / sequence length / micro-batch on this kind of device."""
     from qtrain.plan import default_budget, detect_device, format_bytes, model_shape, parse_bytes, plan_recipe
-    from qtrain.quality import measured_quality
     from qtrain.recipe import Recipe
 
     dev, mem = detect_device(device)

@@ -147,16 +147,3 @@ def plot_quality(rows: list[dict], output: Path) -> list[Path]:
         fig.tight_layout()
         made.append(_save(fig, output / fname))
     return made
-
-
-def measured_quality(rows: list[dict]) -> dict[str, dict]:
-    """Method -> the best quality row of that method (by MBPP pass@1, then perplexity), for ranking a budget."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        if r.get("status") != "ok" or not r.get("quality") or not r.get("steps"):
-            continue
-        key = (r["quality"]["pass@1"], -(r["quality"]["val_perplexity"] or float("inf")))
-        cur = best.get(r["method"])
-        if cur is None or key > (cur["quality"]["pass@1"], -(cur["quality"]["val_perplexity"] or float("inf"))):
-            best[r["method"]] = r
-    return best
