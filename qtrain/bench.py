@@ -292,7 +292,7 @@ def run_matrix(matrix: str, output: Path, steps: int, model: str | None = None, 
         proc = subprocess.run([sys.executable, "-m", "qtrain.bench", "_row", str(spec_path), str(out_path)],
                               capture_output=True, text=True, env=jemalloc_exec_env(dict(os.environ)) or None)
         base = {"name": row["name"], "group": row["group"], "matrix": matrix, "overrides": row["overrides"],
-                "recipe_file": row.get("recipe"), "steps_requested": steps, "git": _git(),
+                "recipe_file": row.get("recipe"), "steps_requested": steps, "time_s": row.get("time_s"), "git": _git(),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if proc.returncode == 0 and out_path.is_file():
             result = {**base, **json.loads(out_path.read_text())}

@@ -283,12 +283,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 say=lambda m: print(m, flush=True), keep_runs=args.keep_runs)
         command = f"qtrain bench --matrix {args.matrix} --steps {args.steps}"
         print(bench.render_report(rows, out, f"qtrain bench: {name} matrix", command))
-        failed = [r["name"] for r in rows if r.get("status") != "ok"]
-        if failed:
-            print(f"qtrain bench: {len(failed)} row(s) failed: {', '.join(failed)}; run the same command again to "
-                  "retry them (finished rows are kept)", file=sys.stderr)
-            return 1
-        return 0
+        return _failed_rows(rows)
     shipped = RECIPES_DIR.parent / "benchmarks" / "results"
     results = [Path(p) for p in (args.results or [])] or [shipped / "bench-methods", shipped / "bench-quality"]
     print(bench.answer_budget(args.budget, args.model, args.device, results))
@@ -313,6 +308,11 @@ def _bench_quality(args: argparse.Namespace) -> int:
                + (f" --eval-limit {args.eval_limit}" if args.eval_limit else "")
                + (" --sft-data SELFTRAIN.jsonl" if args.sft_data else ""))
     print(render_quality(rows, out, command))
+    return _failed_rows(rows)
+
+
+def _failed_rows(rows: list[dict]) -> int:
+    """Exit status of a matrix run: 1, with the way out, when any row failed."""
     failed = [r["name"] for r in rows if r.get("status") != "ok"]
     if failed:
         print(f"qtrain bench: {len(failed)} row(s) failed: {', '.join(failed)}; run the same command again to retry "
@@ -425,6 +425,31 @@ def _add_eval_args(p, with_task: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template + instruction (default: when the tokenizer has one)")
+
+
+def _add_rejection_sample_parser(sub) -> None:
+    rs = sub.add_parser("rejection-sample", help="chat SFT data from sampled solutions that pass their tests",
+                        description="Sample answers to training problems, run them with their tests in the sandbox, "
+                                    "keep those that pass (plus the reference solutions that pass) as chat SFT JSONL "
+                                    "for qtrain fit --data. MBPP's test split and HumanEval are refused.")
+    rs.add_argument("model", nargs="?", help="run directory, model dir / hub id / .gguf; default: embedded")
+    rs.add_argument("--problems", required=True,
+                    help="MBPP's original mbpp.jsonl (task ids 511-974 are used) or JSONL of task_id, prompt, tests")
+    rs.add_argument("-o", "--output", required=True, help="JSONL to write (a .report.json is written beside it)")
+    rs.add_argument("-k", "--samples-per-problem", type=int, default=4)
+    rs.add_argument("--temperature", type=float, default=0.8)
+    rs.add_argument("--top-p", type=float, default=0.95)
+    rs.add_argument("--keep-per-problem", type=int, default=2, help="distinct passing samples kept per problem")
+    rs.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                    help="also keep the dataset's reference solutions that pass their tests")
+    rs.add_argument("--previous", help="an earlier round's output: its records are kept and the round number grows")
+    rs.add_argument("--limit", type=int, help="first N problems only")
+    rs.add_argument("--max-new-tokens", type=int, default=384)
+    rs.add_argument("--batch-size", type=int, default=16)
+    rs.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
+    rs.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    rs.add_argument("--seed", type=int, default=0)
+    rs.set_defaults(func=cmd_rejection_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -564,28 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", help="output directory (default: runs/eval-TASK-TIMESTAMP)")
     ev.set_defaults(func=cmd_eval)
 
-    rs = sub.add_parser("rejection-sample", help="chat SFT data from sampled solutions that pass their tests",
-                        description="Sample answers to training problems, run them with their tests in the sandbox, "
-                                    "keep those that pass (plus the reference solutions that pass) as chat SFT JSONL "
-                                    "for qtrain fit --data. MBPP's test split and HumanEval are refused.")
-    rs.add_argument("model", nargs="?", help="run directory, model dir / hub id / .gguf; default: embedded")
-    rs.add_argument("--problems", required=True,
-                    help="MBPP's original mbpp.jsonl (task ids 511-974 are used) or JSONL of task_id, prompt, tests")
-    rs.add_argument("-o", "--output", required=True, help="JSONL to write (a .report.json is written beside it)")
-    rs.add_argument("-k", "--samples-per-problem", type=int, default=4)
-    rs.add_argument("--temperature", type=float, default=0.8)
-    rs.add_argument("--top-p", type=float, default=0.95)
-    rs.add_argument("--keep-per-problem", type=int, default=2, help="distinct passing samples kept per problem")
-    rs.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
-                    help="also keep the dataset's reference solutions that pass their tests")
-    rs.add_argument("--previous", help="an earlier round's output: its records are kept and the round number grows")
-    rs.add_argument("--limit", type=int, help="first N problems only")
-    rs.add_argument("--max-new-tokens", type=int, default=384)
-    rs.add_argument("--batch-size", type=int, default=16)
-    rs.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
-    rs.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
-    rs.add_argument("--seed", type=int, default=0)
-    rs.set_defaults(func=cmd_rejection_sample)
+    _add_rejection_sample_parser(sub)
 
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(func=cmd_recipes)

@@ -104,8 +104,7 @@ def render_summary(rows: list[dict], command: str) -> str:
 
 
 def _minutes(rows: list[dict]) -> str:
-    times = sorted({r["time_s"] for r in rows if r.get("time_s")}) or sorted(
-        {(r.get("overrides") or {}).get("time_s") for r in rows if (r.get("overrides") or {}).get("time_s")})
+    times = sorted({r["time_s"] for r in rows if r.get("time_s")})
     return ", ".join(f"{t / 60:g} min" for t in times) or "?"
 
 

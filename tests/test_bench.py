@@ -144,6 +144,7 @@ def test_quality_matrix_scores_every_row_pairs_it_with_base_and_ranks_the_budget
 
     text = render_quality(bench.load_rows(out), out, "cmd")
     assert "| lora+selftrain | lora | selftrain |" in text and "+0.00% (+0.00% to +0.00%)" in text
+    assert "wall-clock budget (0.0333333 min)" in text  # the rows carry their time budget into the report
     assert (out / "quality_vs_memory.png").stat().st_size > 10_000
     assert cli.main(["bench", "--report", str(out)]) == 0
     capsys.readouterr()

@@ -20,23 +20,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from qtrain.serve import APIError, Engine, Job, Scheduler, ServeConfig, create_app  # noqa: E402
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer
-
-    d = tmp_path_factory.mktemp("tiny-chat")
-    for p in tiny_model_dir.iterdir():
-        shutil.copy(p, d / p.name)
-    tok = AutoTokenizer.from_pretrained(d)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(d)
-    return d
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
