@@ -97,3 +97,29 @@ def test_nucleus_keeps_the_smallest_prefix_that_reaches_top_p():
     assert _pick(logits, 0.0, 0.5, g) == 0
     big = torch.randn(50_000) * 0.01  # a flat distribution: the nucleus needs most of the vocabulary
     assert 0 <= _pick(big, 1.0, 0.99, g) < 50_000
+
+
+def test_gqa_attention_gives_the_same_logits_without_copying_heads(tiny):
+    """The tiny model has 4 query heads over 2 key/value heads; with a left-padded batch (a mask, as in decoding)
+    SDPA's own grouping must give exactly what transformers' repeat_kv path gives, and the setting is restored."""
+    from qtrain.generate import GQA_ATTENTION, gqa_attention
+
+    model, tok = tiny
+    assert model.config._attn_implementation == "sdpa"
+    batch = tok(PROMPTS[:3], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not batch.attention_mask.all(), "the batch should carry padding, so a mask is passed"
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with gqa_attention(model):
+            assert model.config._attn_implementation == GQA_ATTENTION
+            got = model(**batch).logits
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(got, expected)
+
+
+def test_gqa_attention_leaves_other_attention_alone(tiny_model_dir):
+    from qtrain.generate import gqa_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    with gqa_attention(model):
+        assert model.config._attn_implementation == "eager"
