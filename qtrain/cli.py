@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -333,8 +334,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_tokens", "max_prompt_tokens", "queue", "concurrency", "port"):
         if getattr(args, name) <= 0:
             raise RecipeError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
-    if args.timeout <= 0:
-        raise RecipeError(f"--timeout {args.timeout} must be positive (seconds)")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise RecipeError(f"--timeout {args.timeout} must be a positive number of seconds")
     key = args.api_key or os.environ.get("QTRAIN_API_KEY") or None
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -346,11 +347,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.model, threads=args.threads)
     cfg = ServeConfig(model_id=args.model_name or loaded.name, max_prompt_tokens=args.max_prompt_tokens,
                       max_tokens=args.max_tokens, max_queue=args.queue, concurrency=args.concurrency,
-                      timeout_s=args.timeout, api_key=key)
+                      timeout_s=args.timeout, api_key=key,
+                      allowed_hosts=_allowed_hosts(args.host, args.allow_host or []))
     print(f"serving {cfg.model_id} ({loaded.kind}) on http://{args.host}:{args.port}/ (OpenAI API under /v1"
           f"{', API key required' if key else ''})", file=sys.stderr, flush=True)
     serve(loaded, cfg, host=args.host, port=args.port, threads=args.threads)
     return 0
+
+
+def _allowed_hosts(bind: str, extra: list[str]) -> tuple[str, ...]:
+    """The Host names a keyless server answers to: loopback names, the bound address unless it is a wildcard,
+    and any --allow-host."""
+    from qtrain.serve import ServeConfig
+
+    names = list(ServeConfig.allowed_hosts)
+    if bind not in ("0.0.0.0", "::", ""):
+        names.append(bind)
+    return tuple(dict.fromkeys(names + extra))
 
 
 def _eval_options(args, task: str, limit, data):
@@ -363,7 +376,8 @@ def _eval_options(args, task: str, limit, data):
     return EvalOptions(task=task, data=data,
                        n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p, ks=ks or (1,),
                        limit=limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat,
-                       workers=args.workers, timeout_s=args.timeout, seed=args.seed, engine=args.engine)
+                       workers=args.workers, timeout_s=args.timeout, seed=args.seed, engine=args.engine,
+                       unsafe_no_sandbox=args.unsafe_no_sandbox)
 
 
 def _print_eval(summary: dict, out) -> None:
@@ -371,7 +385,7 @@ def _print_eval(summary: dict, out) -> None:
     print(f"{summary['task']} ({summary['problems']} problems, {summary['samples']} samples, {summary['prompting']} "
           f"prompting): " + ", ".join(f"{k} {summary[k]:.2%}" for k in ks if summary[k] is not None)
           + f"; test-case accuracy {summary['test_case_accuracy']:.2%}; sandbox {summary['sandbox_mode']}"
-          + (" (DEGRADED: no bubblewrap)" if summary["sandbox"]["degraded"] else ""))
+          + (" (UNSAFE: no sandbox, --unsafe-no-sandbox)" if summary["sandbox"]["degraded"] else ""))
     if summary.get("generation_tokens_per_second"):
         print(f"generation {summary['generation_tokens_per_second']:.1f} tokens/s; validation perplexity "
               f"{summary.get('val_perplexity')}; wrote {out}/summary.json and samples.jsonl")
@@ -397,7 +411,7 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
                          temperature=args.temperature, top_p=args.top_p, keep_per_problem=args.keep_per_problem,
                          add_references=args.references, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, seed=args.seed, timeout_s=args.timeout, workers=args.workers,
-                         limit=args.limit, previous=args.previous)
+                         limit=args.limit, previous=args.previous, unsafe_no_sandbox=args.unsafe_no_sandbox)
     report = run_rejection_sampling(args.model, opts, say=lambda m: print(m, file=sys.stderr, flush=True))
     r = report["rounds"][-1]
     print(f"round {r['round']}: {r['problems_solved']}/{r['problems']} problems solved by a sample "
@@ -422,6 +436,9 @@ def _add_eval_args(p, with_task: bool = True) -> None:
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="run model-written programs WITHOUT a sandbox when bubblewrap is missing or fails its "
+                   "self-test: they can read and write whatever you can (recorded in the summary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template + instruction (default: when the tokenizer has one)")
@@ -448,6 +465,9 @@ def _add_rejection_sample_parser(sub) -> None:
     rs.add_argument("--batch-size", type=int, default=16)
     rs.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
     rs.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    rs.add_argument("--unsafe-no-sandbox", action="store_true",
+                    help="run model-written programs WITHOUT a sandbox when bubblewrap is missing or fails its "
+                   "self-test: they can read and write whatever you can (recorded in the summary)")
     rs.add_argument("--seed", type=int, default=0)
     rs.set_defaults(func=cmd_rejection_sample)
 
@@ -570,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set QTRAIN_API_KEY)")
+    srv.add_argument("--allow-host", action="append", metavar="NAME",
+                     help="without an API key, also answer requests whose Host is NAME (repeatable; loopback names "
+                     "and the bound address are always allowed)")
     srv.add_argument("--model-name", help="the model id clients use (default: the model's name)")
     srv.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     srv.add_argument("--max-prompt-tokens", type=int, default=2048)

@@ -245,6 +245,7 @@ class EvalOptions:
     perplexity: bool = True
     ppl_data: str | None = None
     engine: str = "auto"  # "continuous" (PyTorch models), "static" (fixed batches through generate), or auto
+    unsafe_no_sandbox: bool = False  # run the programs without isolation when no sandbox passes its self-test
 
 
 def _check_options(opts: EvalOptions) -> None:
@@ -256,8 +257,10 @@ def _check_options(opts: EvalOptions) -> None:
     bad = [k for k in opts.ks if k < 1 or k > opts.n_samples]
     if bad:
         raise EvalError(f"--k {','.join(map(str, bad))}: each k must be between 1 and --n-samples ({opts.n_samples})")
-    if opts.temperature < 0 or not 0 < opts.top_p <= 1:
+    if not (math.isfinite(opts.temperature) and opts.temperature >= 0) or not 0 < opts.top_p <= 1:
         raise EvalError(f"--temperature {opts.temperature} / --top-p {opts.top_p}: need temperature >= 0, 0 < top_p <= 1")
+    if not (math.isfinite(opts.timeout_s) and opts.timeout_s > 0):
+        raise EvalError(f"--timeout {opts.timeout_s}: need a positive number of seconds per program (e.g. 10)")
     if opts.batch_size < 1 or opts.max_new_tokens < 1:
         raise EvalError("--batch-size and --max-new-tokens must be positive")
 
@@ -271,7 +274,7 @@ def score(problems: list[Problem], samples: list[dict], opts: EvalOptions, chat:
     unknown = sorted({s["task_id"] for s in samples} - set(by_id))
     if unknown:
         raise EvalError(f"samples name task ids not in {opts.task}: {', '.join(unknown[:5])}")
-    mode = mode or sandbox_mode()
+    mode = mode or sandbox_mode(opts.unsafe_no_sandbox)
     jobs = [(build_program(by_id[s["task_id"]], s["completion"], chat), by_id[s["task_id"]].setup,
              by_id[s["task_id"]].checks) for s in samples]
     say(f"running {len(jobs)} programs in the sandbox ({mode}) ...")
@@ -285,12 +288,16 @@ def score(problems: list[Problem], samples: list[dict], opts: EvalOptions, chat:
                "failing_assertion": (by_id[s["task_id"]].checks[r.check_oks.index(False)]
                                      if False in r.check_oks else None),
                "error": r.check_errors[0] if r.check_errors else (None if r.passed else r.reason),
-               "checks_passed": r.checks_passed, "checks_total": r.checks_total, "exec_seconds": r.seconds}
+               "checks_passed": r.checks_passed, "checks_total": r.checks_total, "exec_seconds": r.seconds,
+               "statement_checks": r.statement_checks}
         records.append(rec)
     metrics = aggregate(problems, records, opts.ks)
-    metrics["sandbox"] = {"mode": mode, "degraded": mode != "bwrap", "programs": len(jobs),
+    metrics["sandbox"] = {"mode": mode, "degraded": mode != "bwrap", "unsafe": mode != "bwrap", "programs": len(jobs),
                           "median_seconds_per_program": round(float(np.median([r.seconds for r in results])), 4)
-                          if results else None, "wall_seconds": round(wall, 2)}
+                          if results else None, "wall_seconds": round(wall, 2),
+                          # checks scored by value outside the program vs. from the program's own report
+                          "checks": sum(r.checks_total for r in results),
+                          "statement_checks": sum(r.statement_checks for r in results)}
     metrics["bleu"] = bleu([extract_code(r["completion"]) if chat else r["completion"] for r in records],
                            [by_id[r["task_id"]].reference for r in records])
     return records, metrics
@@ -317,8 +324,14 @@ def aggregate(problems: list[Problem], records: list[dict], ks) -> dict:
 
 def run_eval(model_ref, opts: EvalOptions, output: str | Path, samples_file: str | None = None, say=print) -> dict:
     """Generate (unless ``samples_file`` is given) and score; writes samples.jsonl and summary.json to ``output``."""
+    from qtrain.sandbox import sandbox_mode
+
     _check_options(opts)
     problems = load_task(opts.task, opts.data, opts.limit)
+    mode = sandbox_mode(opts.unsafe_no_sandbox)  # before generating: no sandbox, no run (unless accepted)
+    if mode != "bwrap":
+        say(f"WARNING: running model-written programs WITHOUT a sandbox ({mode} mode, --unsafe-no-sandbox): they "
+            "can read and write whatever you can")
     output = Path(output)
     gen_stats: dict = {}
     if samples_file:
@@ -333,8 +346,9 @@ def run_eval(model_ref, opts: EvalOptions, output: str | Path, samples_file: str
 
         say(f"loading {model_ref or 'the embedded default model'} ...")
         loaded = load_for_inference(model_ref)
-        if loaded.tokenizer.pad_token is None:
-            loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+        from qtrain.models import ensure_pad_token
+
+        ensure_pad_token(loaded.tokenizer)
         chat = loaded.is_chat if opts.chat is None else opts.chat
         if chat and not loaded.is_chat:
             raise EvalError(f"{loaded.name} has no chat template; use --no-chat")
@@ -342,7 +356,7 @@ def run_eval(model_ref, opts: EvalOptions, output: str | Path, samples_file: str
         samples, gen_stats = _generate_all(loaded, problems, opts, chat, say)
         if opts.perplexity:
             gen_stats["val_perplexity"] = _perplexity(loaded, opts.ppl_data)
-    records, metrics = score(problems, samples, opts, chat, say=say)
+    records, metrics = score(problems, samples, opts, chat, mode=mode, say=say)
     summary = {"task": opts.task, "model": model_name, "prompting": "chat" if chat else "completion",
                "n_samples": opts.n_samples, "temperature": opts.temperature, "top_p": opts.top_p,
                "max_new_tokens": opts.max_new_tokens, "k": list(opts.ks), "limit": opts.limit,
@@ -359,8 +373,12 @@ def read_jsonl(path: str, what: str, hint: str) -> list[tuple[int, object]]:
     p = Path(path)
     if not p.is_file():
         raise EvalError(f"{what} {path!r} does not exist; {hint}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{what} {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); {hint}") from None
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append((n, json.loads(line)))

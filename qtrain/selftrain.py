@@ -45,6 +45,7 @@ class SampleOptions:
     workers: int | None = None
     limit: int | None = None
     previous: str | None = None
+    unsafe_no_sandbox: bool = False
 
     def __post_init__(self) -> None:
         import math
@@ -164,6 +165,7 @@ def run_rejection_sampling(model_ref, opts: SampleOptions, say=print) -> dict:
     from qtrain.sandbox import Limits, run_many, sandbox_mode
 
     problems = load_problems(opts.problems, opts.limit)
+    mode = sandbox_mode(opts.unsafe_no_sandbox)  # before sampling: no sandbox, no run (unless accepted)
     previous, rounds = _read_previous(opts.previous) if opts.previous else ([], [])
     round_ = 1 + max([r.get("round", 0) for r in previous] + [0])
     say(f"loading {model_ref or 'the embedded default model'} ...")
@@ -183,7 +185,6 @@ def run_rejection_sampling(model_ref, opts: SampleOptions, say=print) -> dict:
             if opts.add_references and p.reference.strip()]
     programs = [(problems[pi].task_id, code) for (pi, _), code in zip(jobs, codes)] + \
                [(problems[pi].task_id, code) for pi, code in refs]
-    mode = sandbox_mode()
     say(f"running {len(programs)} programs in the sandbox ({mode}) ...")
     start = time.perf_counter()
     by_id = {p.task_id: p for p in problems}

@@ -141,3 +141,27 @@ def test_fit_with_eval_scores_before_and_after(tiny_model_dir, code_dir, tmp_pat
         assert s["problems"] == 2 and "pass@1" in s
     assert "| pass@1 |" in (out / "eval" / "comparison.md").read_text()
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_eval_refuses_to_run_code_without_a_sandbox_unless_told(tmp_path, monkeypatch, capsys):
+    """bwrap hidden (a fresh machine): nothing runs, one line names the ways out; --unsafe-no-sandbox runs and the
+    summary says so."""
+    import shutil
+
+    from qtrain import sandbox
+
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "bwrap" else real_which(name, *a, **k))
+    monkeypatch.setattr(sandbox, "_MODE", {})
+    problems = load_humaneval()[:2]
+    f = tmp_path / "samples.jsonl"
+    f.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.reference}) + "\n" for p in problems))
+    assert cli.main(["eval", "--samples", str(f), "--limit", "2", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bubblewrap" in err and "--unsafe-no-sandbox" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["eval", "--samples", str(f), "--limit", "2", "-o", str(tmp_path / "out"),
+                     "--unsafe-no-sandbox"]) == 0
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["sandbox"]["unsafe"] and s["sandbox_mode"] in ("unshare", "plain") and s["pass@1"] == 1.0
+    assert "UNSAFE" in capsys.readouterr().out
