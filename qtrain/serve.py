@@ -9,6 +9,11 @@ order, so no client starves). At most ``max_queue`` requests wait or run; beyond
 request that waits longer than ``queue_timeout_s`` gets 503. A client that disconnects frees its slot at the next
 token; a generation past ``timeout_s`` ends with an error. Errors use OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
+
+Hostile clients (``Guard``, a pure ASGI middleware, so that ``request.is_disconnected`` keeps working): the body
+limit is counted while the body is read, chunked or not (413); ``/v1/`` takes only ``application/json`` bodies
+(415), so a web page cannot post to it with a CORS-free "simple" request; and without an API key the Host header
+must name this server (403), so a DNS-rebinding page cannot reach a loopback server either.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, AsyncIterator, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qtrain.infer import Loaded, cut_at_stops
 
@@ -44,6 +49,8 @@ class ServeConfig:
     queue_timeout_s: float = 60.0  # waiting for a slot
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
+    # Host names a keyless server answers to (the bound address is added by ``qtrain serve``)
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 
 class APIError(Exception):
@@ -79,10 +86,31 @@ class CompletionRequest(_Request):
     suffix: str | None = None
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")  # image_url and the like: accepted, not used
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        # pydantic reports a failed union against its first member ("content.str: Input should be a valid
+        # string"), which hides the part that is wrong; name it here instead
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if not isinstance(part, dict):
+                    raise ValueError(f"content part {i} must be an object like {{'type': 'text', 'text': '...'}}")
+                if part.get("text") is not None and not isinstance(part["text"], str):
+                    raise ValueError(f"content part {i}: text must be a string, not {type(part['text']).__name__}")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(f"content must be a string or a list of parts, not {type(value).__name__}")
+        return value
 
 
 class ChatRequest(_Request):
@@ -158,7 +186,7 @@ class Engine:
         for m in messages:
             content = m.content
             if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+                content = "".join(p.text or "" for p in content if p.type == "text")
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
@@ -280,6 +308,89 @@ class Scheduler:
 
 # ---------------------------------------------------------------------------------------------- the app
 
+class Guard:
+    """Pure ASGI middleware in front of ``/v1/``: API key, Host, content type, and a body limit that counts bytes
+    as they arrive. FastAPI's ``@app.middleware("http")`` would wrap ``receive`` and break disconnect detection
+    for non-streaming requests, so this one reads the body itself and replays it to the app, then hands the
+    app the real ``receive`` (which reports the disconnect)."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        error = self._check(scope, headers)
+        if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body, error = await self._read_body(receive)
+            if error is None:
+                receive = self._replay(body, receive)
+        if error is not None:
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope, headers: dict) -> APIError | None:
+        cfg = self.cfg
+        if cfg.api_key:
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                return APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                type="authentication_error", code="invalid_api_key")
+        elif _host_name(headers.get("host", "")) not in {h.lower() for h in cfg.allowed_hosts}:
+            return APIError(403, f"Host {headers.get('host', '')!r} is not this server's name; a server without an API "
+                                 "key answers only to " + ", ".join(cfg.allowed_hosts) + " (qtrain serve --api-key, "
+                                 "or --allow-host NAME)", type="permission_error", code="host_not_allowed")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return APIError(415, f"content-type {media or 'missing'!r}: the API takes application/json",
+                                code="unsupported_media_type")
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > cfg.max_body_bytes:
+                return APIError(413, f"request body of {length} bytes is over the limit of {cfg.max_body_bytes}",
+                                code="body_too_large")
+        return None
+
+    async def _read_body(self, receive) -> tuple[bytes, APIError | None]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", APIError(400, "the client went away while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.cfg.max_body_bytes:
+                return b"", APIError(413, f"request body is over the limit of {self.cfg.max_body_bytes} bytes",
+                                     code="body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+    @staticmethod
+    def _replay(body: bytes, receive):
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header: ``localhost:8000`` -> ``localhost``, ``[::1]:8000`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def create_app(loaded: Loaded, cfg: ServeConfig, threads: int | None = None):
     engine = Engine(loaded, threads)
     sched = Scheduler(engine, cfg)
@@ -292,21 +403,7 @@ def create_app(loaded: Loaded, cfg: ServeConfig, threads: int | None = None):
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if cfg.api_key:
-                given = request.headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-                    return JSONResponse(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                                 type="authentication_error", code="invalid_api_key").body(),
-                                        status_code=401)
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > cfg.max_body_bytes:
-                return JSONResponse(APIError(413, f"request body of {length} bytes is over the limit of "
-                                                  f"{cfg.max_body_bytes}", code="body_too_large").body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(Guard, cfg=cfg)
 
     def check_common(req: _Request, max_tokens: int | None) -> tuple[int, list[str]]:
         if req.model not in (None, "", cfg.model_id):
@@ -333,7 +430,9 @@ def create_app(loaded: Loaded, cfg: ServeConfig, threads: int | None = None):
                                 f"{engine.context})", param=param, code="context_length_exceeded")
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
-        return Job(ids, max_tokens, req.temperature, req.top_p, stop, req.seed)
+        # below 1e-4 the logits / temperature overflow float32 (NaN probabilities); that limit is greedy anyway
+        temperature = req.temperature if req.temperature >= 1e-4 else 0.0
+        return Job(ids, max_tokens, temperature, req.top_p, stop, req.seed)
 
     def usage(job: Job) -> dict:
         n = len(job.prompt_ids)
@@ -427,7 +526,8 @@ def create_app(loaded: Loaded, cfg: ServeConfig, threads: int | None = None):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = _parse(ChatRequest, await request.body())
-        max_tokens, stop = check_common(req, req.max_completion_tokens or req.max_tokens)
+        max_tokens, stop = check_common(req, req.max_completion_tokens if req.max_completion_tokens is not None
+                                        else req.max_tokens)
         job = make_job(engine.chat_text(req.messages), req, max_tokens, stop, "messages")
         cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         sent_role = []

@@ -181,7 +181,7 @@ def loaded_tiny(tiny_model_dir):
 
 
 def _client(loaded, **cfg) -> TestClient:
-    return TestClient(create_app(loaded, ServeConfig(model_id="tiny", **cfg), threads=1))
+    return TestClient(create_app(loaded, ServeConfig(model_id="tiny", **cfg), threads=1), base_url="http://127.0.0.1")
 
 
 def test_bad_requests_get_openai_shaped_4xx(loaded_tiny):
@@ -246,6 +246,87 @@ def test_api_key_is_required_when_set(loaded_tiny):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/health").status_code == 200 and c.get("/").status_code == 200  # open: no model access
+
+
+def test_hostile_requests_are_refused_before_any_work(loaded_tiny):
+    c = _client(loaded_tiny, max_tokens=8, max_body_bytes=4096)
+    ok = {"prompt": "x", "max_tokens": 2}
+
+    def chunked(total: int):
+        def body():
+            for _ in range(total // 1024):
+                yield b"x" * 1024
+        return body()
+
+    # a chunked body (no Content-Length) over the limit is counted while it is read
+    r = c.post("/v1/completions", content=chunked(64 << 10), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    # cross-site "simple" requests and DNS rebinding
+    r = c.post("/v1/completions", content=json.dumps(ok), headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = c.post("/v1/completions", json=ok, headers={"host": "evil.example:8000"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert c.post("/v1/completions", json=ok, headers={"host": host}).status_code == 200, host
+    # a key replaces the Host check (a server behind a proxy or on a LAN name)
+    keyed = _client(loaded_tiny, api_key="k")
+    r = keyed.post("/v1/completions", json=ok, headers={"host": "gpu-box.lan", "authorization": "Bearer k"})
+    assert r.status_code == 200
+    # fields that used to give a 500 or be silently replaced
+    chat = _client(loaded_tiny, max_tokens=8)
+    cases = [({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "text"),
+             ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "allows 1 to 8"),
+             ({"messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}, 400, "temperature")]
+    for body, status, words in cases:
+        r = chat.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == status and words in r.json()["error"]["message"], (body, r.text)
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 1e-310})
+    assert r.status_code == 200, r.text
+
+
+def test_a_non_streaming_client_that_hangs_up_cancels_its_generation(loaded_tiny):
+    """Driven at the ASGI level: the body arrives, then the client disconnects; the generation must stop long
+    before max_tokens (the old http middleware hid the disconnect, so it ran to the end)."""
+    app = create_app(loaded_tiny, ServeConfig(model_id="tiny", max_tokens=200, max_prompt_tokens=64), threads=1)
+    sched = app.state.scheduler
+    sched.engine = _SlowEngine()  # a piece every 20 ms: 200 of them take 4 s unless cancelled
+    jobs = []
+    original = sched.start
+
+    async def spy(job):
+        jobs.append(job)
+        return await original(job)
+
+    sched.start = spy
+    body = json.dumps({"prompt": "import os\n", "max_tokens": 200}).encode()
+
+    async def drive():
+        sent = []
+        gone = asyncio.Event()
+
+        async def receive():
+            if not sent:
+                sent.append(time.monotonic() + 0.3)  # the client hangs up shortly after sending
+                return {"type": "http.request", "body": body, "more_body": False}
+            # like uvicorn: block while connected, answer at once after the hang-up (starlette's
+            # is_disconnected cancels a receive that would block)
+            if time.monotonic() < sent[0]:
+                await asyncio.sleep(sent[0] - time.monotonic())
+            gone.set()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                                              (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await asyncio.wait_for(app(scope, receive, send), 60)
+
+    asyncio.run(drive())
+    assert jobs and jobs[0].finish_reason == "cancelled", jobs[0].finish_reason if jobs else None
 
 
 # ------------------------------------------------------------------------------------------ the scheduler
