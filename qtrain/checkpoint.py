@@ -2,14 +2,21 @@
 
 Layout: ``RUN/checkpoints/step-000050/`` holding ``trainable.safetensors`` (only parameters that require
 grad: the full model for full fine-tuning, the adapter for LoRA), ``optimizer.pt``, ``scheduler.pt``,
-``rng-RANK.pt`` and ``state.json``. A checkpoint is written into a temporary directory and renamed into
-place, then ``RUN/checkpoints/latest`` is replaced; a crash at any moment leaves the previous checkpoint
-usable. The final model is saved separately in Hugging Face format (see train.py).
+``rng-RANK.json`` + ``rng-RANK.safetensors`` and ``state.json``. A checkpoint is written into a temporary
+directory, every file and the directory fsynced, and renamed into place, then ``RUN/checkpoints/latest`` is
+replaced; a crash at any moment leaves the previous checkpoint usable. The final model is saved separately in
+Hugging Face format (see train.py).
+
+A run directory may come from someone else, so nothing in it is unpickled: the optimizer and scheduler states
+load with ``torch.load(weights_only=True)`` (tensors and plain containers only) and the RNG states are JSON and
+safetensors. Resuming tries ``latest`` first and falls back to the newest intact checkpoint when it is corrupt.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle  # only for its error type: nothing here unpickles
 import random
 import shutil
 from pathlib import Path
@@ -35,6 +42,10 @@ RESUME_KEYS = ("method", "seq_len", "micro_batch_size", "grad_accum_steps", "lor
 
 class CheckpointError(QtrainError, RuntimeError):
     """A checkpoint is missing, corrupt or does not fit this run; the message says what to do."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read; an older checkpoint may still be intact."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,9 +74,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, sched
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in rng_states.items():
-            torch.save(rng, tmp / f"rng-{rank}.pt")
+            save_rng_state(rng, tmp, rank)
         atomic_write_json(tmp / "state.json", {"format": FORMAT, "step": step, **state})
+        _fsync_tree(tmp)
         replace_dir(tmp, final)
+        _fsync_dir(ckdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,24 +89,69 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, sched
     return final
 
 
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of ``directory`` and the directory itself to disk (rename alone does not order them)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckdir = checkpoints_dir(run_dir)
     pointer = ckdir / "latest"
     if not pointer.is_file():
         return None
     path = ckdir / pointer.read_text().strip()
-    if not path.is_dir():
+    if not path.is_dir() or path.parent != ckdir:
+        older = checkpoints_newest_first(run_dir)
+        if older:
+            return older[0]
         raise CheckpointError(f"{pointer} names {path.name}, which does not exist; the run directory is damaged: "
                               "start again with --overwrite")
     return path
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    return sorted((p for p in checkpoints_dir(run_dir).glob("step-*") if p.is_dir()), reverse=True)
+
+
+def resume_from(run_dir: Path, model: nn.Module, optimizer, scheduler, rank: int, check, say=print) -> tuple:
+    """Load ``latest``, or when it is corrupt the newest intact checkpoint before it: (path, state).
+
+    ``check(state)`` raises when a checkpoint does not fit this run; that is not corruption, so it stops the
+    search (an older checkpoint of the same run would not fit either).
+    """
+    latest = latest_checkpoint(run_dir)
+    candidates = [latest] + [p for p in checkpoints_newest_first(run_dir) if p != latest]
+    errors = []
+    for path in candidates:
+        try:
+            check(read_state(path))
+            state = load_checkpoint(path, model, optimizer, scheduler, rank)
+        except CorruptCheckpoint as exc:
+            errors.append(str(exc))
+            say(f"{exc}; trying an older checkpoint")
+            continue
+        return path, state
+    raise CheckpointError(f"no intact checkpoint in {checkpoints_dir(run_dir)} ({len(errors)} corrupt); start again "
+                          "with --overwrite")
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt (state.json: {exc.__class__.__name__}); delete it "
-                              "to resume from an earlier one, or start again with --overwrite") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt (state.json: {exc.__class__.__name__})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {ckpt} has format {state.get('format')!r}, this qtrain reads {FORMAT}; "
                               "start again with --overwrite")
@@ -125,8 +183,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: in
     try:
         weights = load_file(str(ckpt / "trainable.safetensors"))
     except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt (trainable.safetensors: {exc}); delete it to resume "
-                              "from an earlier one, or start again with --overwrite") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt (trainable.safetensors: {exc})") from None
     params = dict(model.named_parameters())
     expected = trainable_state(model)
     missing = sorted(set(expected) - set(weights))
@@ -141,15 +198,21 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: in
                                       f"{tuple(params[name].shape)}")
             params[name].copy_(tensor)
     try:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        rng_file = ckpt / f"rng-{rank}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt or does not fit ({exc.__class__.__name__}: "
-                              f"{str(exc)[:200]}); delete it to resume from an earlier one, or start again with "
-                              "--overwrite") from None
+        optimizer_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        scheduler_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
+        rng = load_rng_state(ckpt, rank)
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
+        # weights_only=True refuses anything but tensors and plain containers with an UnpicklingError
+        raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt or not a plain-data checkpoint "
+                                f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}'s optimizer state does not fit this run ({exc.__class__.__name__}: "
+                              f"{str(exc)[:200]}); start again with --overwrite") from None
+    if rng is not None:
+        set_rng_state(rng)
     return state
 
 
@@ -157,6 +220,36 @@ def get_rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_rng_state(state: dict, directory: Path, rank: int) -> None:
+    """Python's and NumPy's generator states as JSON, torch's as tensors: nothing that needs unpickling."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    atomic_write_json(directory / f"rng-{rank}.json", {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]})
+    tensors = {"torch": state["torch"]}
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s
+    save_file(tensors, str(directory / f"rng-{rank}.safetensors"))
+
+
+def load_rng_state(directory: Path, rank: int) -> dict | None:
+    """This rank's RNG state, or None when the checkpoint has none for it (another world size)."""
+    meta, tensors = directory / f"rng-{rank}.json", directory / f"rng-{rank}.safetensors"
+    if not meta.is_file() or not tensors.is_file():
+        return None
+    data = json.loads(meta.read_text())
+    t = load_file(str(tensors))
+    version, internal, gauss = data["python"]
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    state = {"python": (version, tuple(internal), gauss),
+             "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached), "torch": t["torch"]}
+    cuda = [t[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in t))]
+    if cuda:
+        state["cuda"] = cuda
     return state
 
 

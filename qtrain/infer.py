@@ -6,7 +6,6 @@ One loader for ``qtrain generate``, ``qtrain eval`` and ``qtrain serve``, so all
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ def load_for_inference(ref: str | os.PathLike | None, *, threads: int | None = N
     import torch
     from transformers import AutoTokenizer
 
-    from qtrain.models import load_model, load_tokenizer, resolve_model_source
+    from qtrain.models import ensure_pad_token, load_model, load_tokenizer, resolve_model_source
 
     if threads:
         torch.set_num_threads(threads)
@@ -88,20 +87,20 @@ def load_for_inference(ref: str | os.PathLike | None, *, threads: int | None = N
             raise InferenceError(f"ONNX directory {str(path)!r} has no config.json; export it with `qtrain export --onnx`")
         model = load_onnx(path, threads)
         tok = AutoTokenizer.from_pretrained(path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        ensure_pad_token(tok)
         return Loaded(model, tok, "onnx", str(path), {"file": onnx_file(path).name, "path": str(path)})
-    if path is not None and (path / "run.json").is_file():
+    from qtrain.runs import is_run_dir, read_run
+
+    if is_run_dir(path):
         from qtrain.runs import load_trained
 
         model = load_trained(path)
         if merge and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         tok = AutoTokenizer.from_pretrained(path)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        ensure_pad_token(tok)
         model.eval()
-        return Loaded(model, tok, "pytorch", str(path), {"run": json.loads((path / "run.json").read_text())})
+        return Loaded(model, tok, "pytorch", str(path), {"run": read_run(path)})
     source = resolve_model_source(None if ref is None else str(ref))
     from qtrain.bitnet import is_bitnet_dir, load_packed
 

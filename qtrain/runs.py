@@ -10,13 +10,33 @@ import torch
 from qtrain.models import ModelError, ModelSource, load_model
 
 
+RUN_MARKER = "run.json"  # written by qtrain fit; the only file that makes a directory a qtrain run
+
+
+def read_marker(run_dir: str | Path) -> dict | None:
+    """The run's marker when ``run_dir`` holds a valid one (a JSON object with ``"qtrain_run": 1``), else None.
+    Anything else named run.json (another tool's, a damaged one) does not make a directory a qtrain run, so
+    ``--overwrite`` will not delete it."""
+    marker = Path(run_dir) / RUN_MARKER
+    try:
+        if not marker.is_file() or marker.stat().st_size > 1 << 20:
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("qtrain_run") == 1 else None
+
+
+def is_run_dir(path: str | Path | None) -> bool:
+    return path is not None and read_marker(path) is not None
+
+
 def read_run(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    marker = run_dir / "run.json"
-    if not marker.is_file():
-        raise ModelError(f"{str(run_dir)!r} is not a qtrain run directory (no run.json); give the --output of "
+    meta = read_marker(run_dir)
+    if meta is None:
+        raise ModelError(f"{str(run_dir)!r} is not a qtrain run directory (no valid run.json); give the --output of "
                          "`qtrain fit`")
-    return json.loads(marker.read_text())
+    return meta
 
 
 def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from qtrain import checkpoint as ckpt
 from qtrain.data.corpus import load_corpus
 from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
 from qtrain.io import atomic_write_json, make_tmp_dir
-from qtrain.loss import causal_lm_loss_sum, forward_loss_sum, fused_head
+from qtrain.loss import forward_loss_sum, fused_head
 from qtrain.measure import (bound_heap_retention, current_rss_bytes, heap_allocator, lr_at, machine_info,
                             matmul_flops, mfu, peak_flops, peak_memory_bytes, tokens_per_second,
                             train_flops_per_token, trim_heap)
@@ -34,10 +33,10 @@ from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.plan import ASSUMED_MFU
 from qtrain.recipe import Recipe, save_recipe
+from qtrain.runs import RUN_MARKER, is_run_dir
 from qtrain.errors import QtrainError
 
 log = logging.getLogger(__name__)
-RUN_MARKER = "run.json"
 
 
 class RunError(QtrainError, RuntimeError):
@@ -165,9 +164,9 @@ def prepare_output_dir(output: Path, resume: bool, overwrite: bool, check_only: 
     if output.exists() and not output.is_dir():
         raise RunError(f"--output {str(output)!r} is a file; choose a directory path")
     if output.is_dir() and any(output.iterdir()):
-        if not (output / RUN_MARKER).exists():
-            raise RunError(f"--output {str(output)!r} is not empty and is not a qtrain run; choose another directory "
-                           "(qtrain will not delete files it did not write)")
+        if not is_run_dir(output):
+            raise RunError(f"--output {str(output)!r} is not empty and is not a qtrain run (no valid run.json); choose "
+                           "another directory (qtrain will not delete files it did not write)")
         if not overwrite:
             raise RunError(f"--output {str(output)!r} already holds a run; pass --resume to continue it or "
                            "--overwrite to replace it")
@@ -383,10 +382,10 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     recipe_dict = {**recipe.to_dict(), "_data_fingerprint": rep["fingerprint"]}
     step, train_seconds, train_tokens, val_before = 0, 0.0, 0, None
     if resume:
-        latest = ckpt.latest_checkpoint(run_dir)
-        state = ckpt.read_state(latest)
-        ckpt.check_compatible(state, recipe_dict, source.name, world)
-        state = ckpt.load_checkpoint(latest, unwrapped, optimizer, scheduler, rank)
+        latest, state = ckpt.resume_from(
+            run_dir, unwrapped, optimizer, scheduler, rank,
+            check=lambda s: ckpt.check_compatible(s, recipe_dict, source.name, world),
+            say=lambda m: _print(accelerator, m))
         step, train_seconds, train_tokens = state["step"], state["train_seconds"], state["train_tokens"]
         horizon["steps"] = state.get("horizon_steps", recipe.max_steps)
         val_before = state.get("val_loss_before")

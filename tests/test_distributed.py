@@ -45,4 +45,4 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir, code_dir):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), double)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     ck = double / "checkpoints" / (double / "checkpoints" / "latest").read_text().strip()
-    assert {"rng-0.pt", "rng-1.pt", "trainable.safetensors", "optimizer.pt"} <= set(os.listdir(ck))
+    assert {"rng-0.json", "rng-1.json", "trainable.safetensors", "optimizer.pt"} <= set(os.listdir(ck))

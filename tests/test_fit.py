@@ -100,6 +100,43 @@ def test_resume_refuses_an_incompatible_or_corrupt_checkpoint(tmp_path, tiny_mod
         fit(same, model=str(tiny_model_dir), data=str(code_dir), output=out, resume=True)
 
 
+class _Payload:
+    """What a hostile run directory would ship: unpickling it runs code."""
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch " + str(_Payload.marker),))
+
+
+def test_resume_never_unpickles_and_falls_back_past_a_corrupt_latest(tmp_path, tiny_model_dir, code_dir, capsys):
+    first, out = run(tmp_path, tiny_model_dir, code_dir, "save_every=2", steps=4)
+    cks = out / "checkpoints"
+    assert sorted(p.name for p in cks.glob("step-*")) == ["step-000002", "step-000004"]
+    assert (cks / "step-000004" / "rng-0.json").is_file() and not list(cks.glob("*/*.pkl"))
+    # the newest checkpoint's optimizer state is a pickle that would run a command
+    _Payload.marker = tmp_path / "pwned"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload()}, cks / "step-000004" / "optimizer.pt")
+    recipe = load_recipe(None, TINY + ["method=lora", "max_steps=4", "save_every=2"])
+    summary = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=out, resume=True)
+    assert not _Payload.marker.exists(), "a checkpoint file was unpickled"
+    err = capsys.readouterr()
+    assert "step-000004 is corrupt" in err.out + err.err and "older checkpoint" in err.out + err.err
+    assert "resumed from" in err.out + err.err and "step-000002" in err.out + err.err
+    assert summary["steps"] == 4 and summary["train_tokens"] == first["train_tokens"]
+
+
+def test_overwrite_needs_a_real_qtrain_marker(tmp_path, tiny_model_dir, code_dir, capsys):
+    other = tmp_path / "other-tool"
+    other.mkdir()
+    (other / "run.json").write_text('{"name": "someone else\'s run"}')
+    (other / "weights.bin").write_bytes(b"precious")
+    args = ["fit", "--model", str(tiny_model_dir), "--data", str(code_dir), "-o", str(other), *TINY, "max_steps=1",
+            "--overwrite"]
+    assert cli.main(args) == 2
+    assert "not a qtrain run" in capsys.readouterr().err
+    assert (other / "weights.bin").read_bytes() == b"precious"
+
+
 def test_output_directory_rules(tmp_path, tiny_model_dir, code_dir, capsys):
     _, out = run(tmp_path, tiny_model_dir, code_dir, steps=1)
     args = ["fit", "--model", str(tiny_model_dir), "--data", str(code_dir), "-o", str(out), *TINY, "max_steps=1"]

@@ -10,7 +10,6 @@ Layout of the output directory (each level loads with ``ORTModelForCausalLM.from
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtrain.export import ExportError
+from qtrain.export.speed import model_bytes
 from qtrain.io import atomic_write_json, make_tmp_dir, replace_dir
 
 log = logging.getLogger(__name__)
@@ -75,24 +75,24 @@ def merged_model(ref):
     path = Path(ref) if ref is not None else None
     if path is not None and not path.exists() and (str(ref).startswith((".", "/")) or path.parent != Path(".")):
         raise ExportError(f"run directory {str(ref)!r} does not exist; give the --output directory of `qtrain fit`")
-    if path is not None and path.is_dir() and not (path / "run.json").is_file() \
-            and not (path / "config.json").is_file():
+    from qtrain.runs import is_run_dir
+
+    if path is not None and path.is_dir() and not is_run_dir(path) and not (path / "config.json").is_file():
         raise ExportError(f"{str(ref)!r} holds no model (no run.json of a qtrain run, no config.json); give the "
                           "--output directory of `qtrain fit` or a Hugging Face model directory")
-    if path is None or not (path / "run.json").is_file():
+    if not is_run_dir(path):
         loaded = load_for_inference(ref)
         model = loaded.model if getattr(loaded.model, "is_quantized", False) else loaded.model.float()
         return model, loaded.tokenizer, {"source": loaded.name, "adapter": False}
 
     from transformers import AutoTokenizer
 
-    from qtrain.models import ModelSource, load_model
+    from qtrain.models import ModelSource, ensure_pad_token, load_model
     from qtrain.runs import read_run
 
     meta = read_run(path)
     tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)
     if not (path / "adapter_config.json").is_file():
         if not (path / "config.json").is_file():
             raise ExportError(f"run directory {str(path)!r} holds no trained model (no adapter_config.json or "
@@ -181,14 +181,6 @@ def export_fp32(merged_dir: Path, out_dir: Path, model_type: str) -> None:
                           f"supported: {', '.join(supported)}")
     main_export(str(merged_dir), output=out_dir, task=TASK, device="cpu", do_validation=False,
                 local_files_only=True, library_name="transformers")
-
-
-def _model_bytes(onnx_path: Path) -> int:
-    """Size on disk of an ONNX model with its external data files."""
-    d = onnx_path.parent
-    files = {onnx_path} | {p for p in d.iterdir() if p.is_file() and p.name.startswith(onnx_path.name + "_data")}
-    files |= {p for p in d.iterdir() if p.is_file() and p.suffix == ".data" and p.stem.startswith(onnx_path.stem)}
-    return sum(p.stat().st_size for p in files)
 
 
 def quantize(src_dir: Path, dst_dir: Path, bits: int, block_size: int, accuracy_level: int,
@@ -391,7 +383,7 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
         failing = []
         for name, f in formats.items():
             d = tmp / f["dir"]
-            f["bytes"] = _model_bytes(d / "model.onnx")
+            f["bytes"] = model_bytes(d / "model.onnx")
             ort_model = load_onnx(d, opts.threads)
             f["parity"] = parity(ort_model, tok, seqs, ref_out, opts)
             del ort_model
