@@ -8,6 +8,7 @@ error that names the key: a misspelled ``lora_rnak: 8`` must never be silently i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -108,8 +109,12 @@ class Recipe:
                 raise RecipeError(f"recipe key '{key}' must be between 0 and 1, got {getattr(self, key)!r}")
         if not 0.0 < self.near_dup_threshold <= 1.0:
             raise RecipeError(f"recipe key 'near_dup_threshold' must be in (0, 1], got {self.near_dup_threshold!r}")
-        if self.learning_rate <= 0:
-            raise RecipeError(f"recipe key 'learning_rate' must be > 0, got {self.learning_rate!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise RecipeError(f"recipe key 'learning_rate' must be a positive number, got {self.learning_rate!r}")
+        floats = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), float)]
+        bad = [k for k in floats if not math.isfinite(getattr(self, k))]
+        if bad:
+            raise RecipeError(f"recipe key '{bad[0]}' must be a finite number, got {getattr(self, bad[0])!r}")
         if self.min_file_bytes >= self.max_file_bytes:
             raise RecipeError(
                 f"recipe key 'min_file_bytes' ({self.min_file_bytes}) must be below 'max_file_bytes' ({self.max_file_bytes})")

@@ -44,6 +44,21 @@ def test_directory_reading_respects_gitignore_binary_and_encoding(tmp_path):
     assert report.dropped["binary"] == 1 and report.dropped["not_utf8"] == 1
 
 
+def test_files_are_checked_before_they_are_read(tmp_path):
+    """A FIFO named like source would block the read forever, and a huge file would be read whole only to be
+    dropped: both are counted and skipped from their stat alone."""
+    import os
+
+    (tmp_path / "keep.py").write_text(CODE)
+    os.mkfifo(tmp_path / "pipe.py")
+    with open(tmp_path / "huge.py", "wb") as f:
+        f.truncate(50 << 20)  # sparse: 50 MB on paper, nothing on disk
+    report = CorpusReport("t", "code")
+    docs = read_directory(tmp_path, (".py",), report, max_bytes=1_000_000)
+    assert [d.source for d in docs] == ["keep.py"]
+    assert report.dropped["not_regular_file"] == 1 and report.dropped["too_large"] == 1
+
+
 def test_exact_and_near_duplicates_removed():
     base = "\n".join(f"def function_{i}(value):\n    return value * {i} + {i * 3}" for i in range(80))
     near = base.replace("return value * 79 + 237", "return value * 79 + 238")

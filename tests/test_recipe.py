@@ -34,6 +34,9 @@ def test_unknown_key_is_named_with_suggestion(tmp_path):
     ("val_fraction=1.5", "'val_fraction'"),
     ("target_modules=everything", "'target_modules' is 'everything'"),
     ("nonsense", "not of the form key=value"),
+    ("learning_rate=.nan", "'learning_rate' must be a positive number"),
+    ("learning_rate=.inf", "'learning_rate' must be a positive number"),
+    ("weight_decay=.nan", "'weight_decay' must be a finite number"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(RecipeError, match=match):

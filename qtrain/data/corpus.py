@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sysconfig
 from collections import Counter
 from dataclasses import dataclass, field
@@ -173,11 +174,21 @@ def iter_source_files(root: Path, extensions: tuple[str, ...], skip_tests: bool 
                 yield p
 
 
-def read_directory(root: Path, extensions: tuple[str, ...], report: CorpusReport, skip_tests: bool = False) -> list[Document]:
+def read_directory(root: Path, extensions: tuple[str, ...], report: CorpusReport, skip_tests: bool = False,
+                   max_bytes: int | None = None) -> list[Document]:
+    """Every source file under ``root``. A file is stat'ed before it is opened: a FIFO or device named like
+    source would hang or stream forever, and a file over ``max_bytes`` would be read whole only to be dropped."""
     docs = []
     for path in iter_source_files(root, extensions, skip_tests):
         report.files_seen += 1
         try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                report.dropped["not_regular_file"] += 1
+                continue
+            if max_bytes is not None and st.st_size > max_bytes:
+                report.dropped["too_large"] += 1
+                continue
             raw = path.read_bytes()
         except OSError:
             report.dropped["unreadable"] += 1
@@ -375,7 +386,7 @@ def load_corpus(data: str | None, *, data_format: str = "auto", extensions: list
     if data is None:
         root = default_corpus_dir()
         report = CorpusReport(source=f"python-stdlib:{root}", format="code")
-        docs = read_directory(root, (".py",), report, skip_tests=True)
+        docs = read_directory(root, (".py",), report, skip_tests=True, max_bytes=max_file_bytes)
         fmt = "code"
     else:
         path = Path(data).expanduser()
@@ -383,7 +394,7 @@ def load_corpus(data: str | None, *, data_format: str = "auto", extensions: list
         if path.is_dir():
             if not os.access(path, os.R_OK | os.X_OK):
                 raise DataError(f"--data directory {str(data)!r} is not readable; check its permissions")
-            docs = read_directory(path, exts, report)
+            docs = read_directory(path, exts, report, max_bytes=max_file_bytes)
             fmt = "code" if data_format == "auto" else data_format
             if fmt in ("alpaca", "chat"):
                 raise DataError(f"--data {str(data)!r} is a directory, but data_format={fmt} needs a JSONL file")
