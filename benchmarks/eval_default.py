@@ -81,7 +81,7 @@ def main() -> None:
         t = time.perf_counter()
         mb = run_eval(None, EvalOptions(task="mbpp", data=args.mbpp, limit=args.mbpp_limit), work / "mbpp")
         result["mbpp"] = {**mb, "end_to_end_seconds": round(time.perf_counter() - t, 1), "git": git,
-                          "command": f"python benchmarks/eval_default.py --add-mbpp --mbpp MBPP.jsonl"
+                          "command": "python benchmarks/eval_default.py --add-mbpp --mbpp MBPP.jsonl"
                                      + (f" --mbpp-limit {args.mbpp_limit}" if args.mbpp_limit else "")}
     if not args.add_mbpp:
         result["sandbox_overhead"] = sandbox_overhead()

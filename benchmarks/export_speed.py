@@ -33,7 +33,7 @@ def main() -> None:
 
     from qtrain.export.gguf import export_gguf
     from qtrain.export.onnx import ExportOptions, export_onnx, render_report
-    from qtrain.io import atomic_write_json, atomic_write_text
+    from qtrain.io import atomic_write_json
     from qtrain.measure import machine_info
     from qtrain.recipe import load_recipe
     from qtrain.train import fit

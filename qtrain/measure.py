@@ -233,6 +233,14 @@ def jemalloc_exec_env(env: dict) -> dict | None:
     return {**env, "LD_PRELOAD": ":".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x), "_QTRAIN_REEXEC": "1"}
 
 
+def heap_bound_requested() -> int:
+    """The fixed glibc mmap threshold asked for with ``QTRAIN_MALLOC_MMAP_THRESHOLD`` (bytes), or 0 (glibc default)."""
+    try:
+        return max(0, int(os.environ.get("QTRAIN_MALLOC_MMAP_THRESHOLD", "0")))
+    except ValueError:
+        return 0
+
+
 def bound_heap_retention(threshold_bytes: int | None = None) -> bool:
     """Opt-in: serve allocations >= ``threshold_bytes`` with mmap, so freed activations leave RSS at once.
 
@@ -247,8 +255,6 @@ def bound_heap_retention(threshold_bytes: int | None = None) -> bool:
     """
     import ctypes
     import ctypes.util
-
-    from qtrain.plan import heap_bound_requested
 
     value = threshold_bytes or heap_bound_requested()
     if value <= 0 or platform.system() != "Linux":

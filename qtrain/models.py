@@ -129,8 +129,7 @@ def _fix_gguf_tokenizer(tokenizer, config) -> None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     if getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
 
 
 def convert_gguf(gguf_path: Path, entry: Path) -> None:
@@ -219,9 +218,15 @@ def load_tokenizer(source: ModelSource):
 
     ref = model_dir_for(source)
     tok = _from_pretrained(AutoTokenizer.from_pretrained, ref, source)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tokenizer):
+    """Batched generation and packing need a pad token; a causal LM's tokenizer often has none, and its EOS is
+    the one token that is safe to pad with (every padded position is masked)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(source: ModelSource, dtype=None, **kwargs):

@@ -10,7 +10,6 @@ tests/test_plan.py, which re-runs that census on random shapes and checks the fo
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -57,15 +56,6 @@ HOST_HEAP = {"jemalloc": (560 * 2**20, 0.10)}  # heap -> (runtime bytes, fragmen
 LOAD_WEIGHT_COPIES = {"glibc": 2, "glibc-bounded": 2, "jemalloc": 1.5}
 ALLOCATOR_RETENTION = 0.75
 ALLOCATOR_RETENTION_CHECKPOINTED = 0.90
-
-
-def heap_bound_requested() -> int:
-    """The fixed glibc mmap threshold asked for with ``QTRAIN_MALLOC_MMAP_THRESHOLD`` (bytes), or 0 (glibc default)."""
-    try:
-        return max(0, int(os.environ.get("QTRAIN_MALLOC_MMAP_THRESHOLD", "0")))
-    except ValueError:
-        return 0
-
 
 
 class BudgetError(QtrainError, ValueError):
@@ -138,9 +128,9 @@ class Prediction:
 def host_heap(allocator: str | None = None) -> str:
     """How freed host memory behaves in the training process: "jemalloc", "glibc-bounded" (a fixed mmap
     threshold, see measure.bound_heap_retention) or "glibc". None: as in this process."""
-    if allocator is None:
-        from qtrain.measure import heap_allocator
+    from qtrain.measure import heap_allocator, heap_bound_requested
 
+    if allocator is None:
         allocator = heap_allocator()
     if allocator == "jemalloc":
         return "jemalloc"

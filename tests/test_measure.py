@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qtrain.measure import lr_at, mfu, train_flops_per_token
-from qtrain.train import causal_lm_loss_sum, count_target_tokens, loss_scale, sample_indices
+from qtrain.loss import causal_lm_loss_sum
+from qtrain.train import count_target_tokens, loss_scale, sample_indices
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():

@@ -27,6 +27,14 @@ DECODE_TOKENS = 64
 PROMPT = "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n"
 
 
+def model_bytes(onnx_path: Path) -> int:
+    """Size on disk of an ONNX model with its external data files."""
+    d = onnx_path.parent
+    files = {onnx_path} | {p for p in d.iterdir() if p.is_file() and p.name.startswith(onnx_path.name + "_data")}
+    files |= {p for p in d.iterdir() if p.is_file() and p.suffix == ".data" and p.stem.startswith(onnx_path.stem)}
+    return sum(p.stat().st_size for p in files)
+
+
 def _generate_seconds(model, ids, new_tokens: int) -> float:
     import torch
 
@@ -113,9 +121,7 @@ def measure(directory: Path, threads: int | None = None, repeats: int = 3) -> di
     full = statistics.median(_lean_seconds(run, short, DECODE_TOKENS + 1) for _ in range(repeats))
     decode = DECODE_TOKENS / max(1e-9, full - one)
     if loaded.kind == "onnx":
-        from qtrain.export.onnx import _model_bytes
-
-        size = _model_bytes(onnx_file(Path(directory)))
+        size = model_bytes(onnx_file(Path(directory)))
     else:
         # parameters and buffers (a BitNet model's packed ternary weights are buffers), shared ones once
         tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
