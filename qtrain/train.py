@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,391 @@ def _is_oom(exc: BaseException) -> bool:
         (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    trim_heap()
+
+
+@dataclass
+class BatchShape:
+    """The micro-batch and accumulation the loop runs at. An out-of-memory back-off halves the micro-batch and
+    doubles accumulation, so a step still sees the same sequences; the history goes into checkpoints and the
+    summary, and a resumed run keeps the lowered shape."""
+    micro_batch: int
+    accum: int
+    eval_batch: int
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, state: dict | None) -> BatchShape:
+        saved = (state or {}).get("backoff")
+        if saved:
+            return cls(saved["micro_batch_size"], saved["grad_accum_steps"], recipe.micro_batch_size,
+                       saved.get("history", []))
+        return cls(recipe.micro_batch_size, recipe.grad_accum_steps, recipe.micro_batch_size)
+
+    def back_off(self, step: int, exc: BaseException) -> None:
+        self.micro_batch, self.accum = halve_micro_batch(self.micro_batch, self.accum)
+        self.eval_batch = min(self.eval_batch, self.micro_batch)
+        self.history.append({"step": step, "micro_batch_size": self.micro_batch, "grad_accum_steps": self.accum,
+                             "reason": f"{type(exc).__name__}: {str(exc)[:160]}"})
+
+    def state(self) -> dict:
+        return {"backoff": {"micro_batch_size": self.micro_batch, "grad_accum_steps": self.accum,
+                            "history": self.history}} if self.history else {}
+
+
+class TimeBudget:
+    """``fit(time_limit_s=...)``: how many steps fit (the LR schedule's horizon), and when to stop.
+
+    The first plan comes from the planner's predicted throughput, which can be off by 2x, so the plan is redone
+    from the measured mean step after a few steps, then more and more rarely: each re-plan moves where the LR
+    schedule ends, so it should settle early.
+    """
+    REPLAN_AFTER = (2, 5, 20, 50, 200, 1000)  # steps into this session
+    RESERVE_S = 10.0  # the final checkpoint, save and summary
+    STOP_MARGIN_S = 5.0
+
+    def __init__(self, limit_s: float, t_start: float, closing_eval_s: float):
+        self.limit_s, self.t_start, self.closing_eval_s = limit_s, t_start, closing_eval_s
+
+    def seconds_left(self) -> float:
+        return self.limit_s - (time.perf_counter() - self.t_start) - self.closing_eval_s - self.RESERVE_S
+
+    def replan(self, steps_done_here: int) -> bool:
+        return steps_done_here in self.REPLAN_AFTER
+
+    def must_stop(self, mean_step_s: float) -> bool:
+        """Would one more step, and the closing evaluation, pass the limit?"""
+        elapsed = time.perf_counter() - self.t_start
+        return elapsed + mean_step_s + self.closing_eval_s + self.STOP_MARGIN_S > self.limit_s
+
+
+class _Training:
+    """One ``fit`` call after model and data are loaded: the state the loop shares (model, optimizer, position,
+    batch shape, horizon) lives here as attributes, and each phase is a method, so ``fit`` reads top to bottom."""
+
+    def __init__(self, recipe: Recipe, net, source: ModelSource, tokenizer, packed: PackedData, accelerator,
+                 run_dir: Path, t_start: float, time_limit_s: float | None, memory_limit_bytes: int | None):
+        self.recipe, self.source, self.tokenizer, self.packed = recipe, source, tokenizer, packed
+        self.accelerator, self.run_dir, self.t_start = accelerator, run_dir, t_start
+        self.time_limit_s, self.memory_limit_bytes = time_limit_s, memory_limit_bytes
+        self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+        self.bit = recipe.method == "bitnet"
+
+        self.trainable, self.total = count_parameters(net)
+        frozen_mm, trainable_mm = matmul_flops(net)
+        cfg = net.config
+        n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+        self.flops_tok = train_flops_per_token(frozen_mm, trainable_mm, n_layers, hidden, recipe.seq_len)
+        self.ceiling, self.ceiling_how = peak_flops(self.device)
+        self.tokens_per_step = recipe.effective_batch_size * self.world * recipe.seq_len
+        self.say(f"model: {source.name} ({source.kind}), method {recipe.method}: {self.trainable:,} trainable of "
+                 f"{self.total:,} parameters ({100 * self.trainable / self.total:.2f}%); effective batch "
+                 f"{recipe.micro_batch_size} x {recipe.grad_accum_steps} x {self.world} process(es) = "
+                 f"{recipe.effective_batch_size * self.world} sequences = {self.tokens_per_step:,} tokens per step")
+
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": recipe.weight_decay},
+                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = make_optimizer(groups, recipe, self.device)
+        # the schedule's horizon: recipe.max_steps, or under a time limit the steps that fit (TimeBudget); the
+        # lambda reads self.horizon at every step, so a re-plan reshapes the rest of the schedule
+        self.horizon = recipe.max_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
+            s, base_lr=1.0, warmup_steps=min(recipe.warmup_steps, max(1, self.horizon // 2)),
+            max_steps=self.horizon, min_lr_ratio=recipe.min_lr_ratio))
+        net.train()
+        self.net, self.optimizer = accelerator.prepare(net, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.net)
+        self.head = fused_head(self.unwrapped) if recipe.fused_cross_entropy else None
+
+        self.step, self.train_seconds, self.train_tokens = 0, 0.0, 0
+        self.val_before: float | None = None
+        self.shape = BatchShape.for_run(recipe, None)
+        self.budget: TimeBudget | None = None
+        self.stopped_for_time = False
+        self.resumed = False
+
+    def say(self, msg: str) -> None:
+        _print(self.accelerator, msg)
+
+    # ---- phases, in the order fit calls them
+
+    def resume(self) -> None:
+        recipe_dict = {**self.recipe.to_dict(), "_data_fingerprint": self.packed.report["fingerprint"]}
+        latest, state = ckpt.resume_from(
+            self.run_dir, self.unwrapped, self.optimizer, self.scheduler, self.rank,
+            check=lambda s: ckpt.check_compatible(s, recipe_dict, self.source.name, self.world), say=self.say)
+        self.step, self.train_seconds, self.train_tokens = state["step"], state["train_seconds"], state["train_tokens"]
+        self.horizon = state.get("horizon_steps", self.recipe.max_steps)
+        self.val_before = state.get("val_loss_before")
+        self.shape = BatchShape.for_run(self.recipe, state)
+        self.resumed = True
+        self.say(f"resumed from {latest} at step {self.step}")
+        if self.shape.history:
+            self.say(f"resuming with the backed-off micro-batch {self.shape.micro_batch} x accumulation "
+                     f"{self.shape.accum}")
+
+    def write_run_files(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        atomic_write_json(self.run_dir / RUN_MARKER, {
+            "qtrain_run": 1, "model": self.source.name, "model_source": self.source.kind,
+            "base_model": self.source.ref, "method": self.recipe.method, "vocab_size": len(self.tokenizer),
+            "added_tokens": self.packed.new_token_ids})
+        save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        atomic_write_json(self.run_dir / "data_report.json", self.packed.report)
+
+    def open(self) -> None:
+        """Validation before training (unless resumed), and under a time limit the first plan of the horizon."""
+        t_val = time.perf_counter()
+        if self.val_before is None:
+            self.val_before = self.validate()
+        val_seconds = time.perf_counter() - t_val
+        self.say(f"validation loss before: {self.val_before:.4f} (perplexity {math.exp(self.val_before):.2f}) on "
+                 f"{int(self.packed.val_ids.numel()):,} tokens")
+        if self.time_limit_s is None:
+            return
+        # the closing evaluation costs what the opening one did (a resumed run skipped it: assume nothing)
+        self.budget = TimeBudget(self.time_limit_s, self.t_start, val_seconds)
+        if not self.resumed:
+            predicted_tps = ASSUMED_MFU * self.ceiling * self.world / self.flops_tok
+            # less one more evaluation's time: a margin while the throughput is predicted, not yet measured
+            steps = int((self.budget.seconds_left() - val_seconds) * predicted_tps / self.tokens_per_step)
+            self.horizon = max(1, min(self.recipe.max_steps, steps))
+            self.say(f"time limit {self.time_limit_s:.0f} s: planned {self.horizon} steps from the predicted "
+                     f"{predicted_tps:.0f} tokens/s (refined after {TimeBudget.REPLAN_AFTER[0]} steps)")
+
+    def validate(self) -> float:
+        if self.bit:  # the model that gets saved: fully ternary, whatever the warmup's strength is now
+            from qtrain import bitnet
+            bitnet.set_strength(self.unwrapped, 1.0)
+        while True:
+            try:
+                return evaluate(self.net, self.packed.val_ids, self.packed.val_labels, self.shape.eval_batch,
+                                self.accelerator, self.head, self.unwrapped)
+            except Exception as exc:  # noqa: BLE001 - out of memory backs off like training; the rest re-raises
+                if not _is_oom(exc) or self.world > 1 or self.shape.eval_batch == 1:
+                    raise
+                self.shape.eval_batch = halve_micro_batch(self.shape.eval_batch, 1)[0]
+                _free_memory(self.device)
+                self.say(f"out of memory during validation; validating at micro-batch {self.shape.eval_batch}")
+
+    def train(self) -> None:
+        """Steps until the horizon (or the time limit); Ctrl-C or SIGTERM saves a checkpoint and exits 130."""
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process:
+            _truncate_metrics(metrics_path, self.step)
+        progress = Progress(self.horizon, self.step, self.accelerator.is_main_process)
+        perms: dict[int, torch.Tensor] = {}
+        start_step, session_s0 = self.step, self.train_seconds
+        old_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
+        interrupted = False
+        try:
+            with open(metrics_path, "a") if self.accelerator.is_main_process else contextlib.nullcontext() as mfile:
+                while self.step < self.horizon:
+                    t0 = time.perf_counter()
+                    strength = self._set_bitnet_strength()
+                    done = self._optimizer_step(perms)
+                    if done is None:  # backed off after running out of memory: the same step again
+                        continue
+                    mean_loss, grad_norm = done
+                    self.step += 1
+                    dt = time.perf_counter() - t0
+                    self.train_seconds += dt
+                    self.train_tokens += self.tokens_per_step
+                    self._log_step(mfile, progress, mean_loss, grad_norm, dt, strength)
+                    self._periodic(mfile)
+                    mean_step = (self.train_seconds - session_s0) / max(1, self.step - start_step)
+                    if self._out_of_time(progress, self.step - start_step, mean_step):
+                        self.stopped_for_time = True
+                        self.say(f"time limit {self.time_limit_s:.0f} s: stopping after step {self.step} "
+                                 f"(mean step {mean_step:.1f} s)")
+                        break
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+        if interrupted:
+            self.save(self.step, collective=False)
+            self.say(f"interrupted: checkpoint saved at step {self.step} in {self.run_dir}; continue with --resume")
+            raise SystemExit(130)
+
+    def finish(self, heap_bounded: bool, extra_summary: dict[str, Any] | None) -> dict[str, Any]:
+        """The last checkpoint, validation after, the final save and summary.json."""
+        self.save(self.step)
+        val_after = self.validate()
+        peak = peak_memory_bytes(self.device)
+        if self.world > 1:
+            peak = int(self.accelerator.reduce(torch.tensor([peak], device=self.device), reduction="max").item())
+        summary = self._summary(val_after, peak, heap_bounded, extra_summary)
+        if self.accelerator.is_main_process:
+            save_final(self.unwrapped, self.tokenizer, self.run_dir, self.recipe)
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            self.say(f"done: {self.step} steps, {self.train_tokens:,} tokens at {summary['tokens_per_second']:.1f} "
+                     f"tokens/s (MFU {summary['mfu']:.1%}), validation perplexity "
+                     f"{summary['val_perplexity_before']:.2f} -> {summary['val_perplexity_after']:.2f}, peak memory "
+                     f"{peak / 2**30:.2f} GiB; saved in {self.run_dir}")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return summary
+
+    # ---- one step and what follows it
+
+    def _set_bitnet_strength(self) -> float | None:
+        if not self.bit:
+            return None
+        from qtrain import bitnet
+        strength = bitnet.strength_at(self.step, self.recipe.bitnet_warmup_steps, self.horizon)
+        bitnet.set_strength(self.unwrapped, strength)
+        return strength
+
+    def _optimizer_step(self, perms: dict[int, torch.Tensor]) -> tuple[float, float | None] | None:
+        """Forward and backward over the step's micro-batches, then the update: (mean loss, grad norm). Out of
+        memory drops the partial gradients, backs off the batch shape and returns None (run the step again); at
+        micro-batch 1 it saves a checkpoint and stops with the knobs that need less memory."""
+        accel, shape, device = self.accelerator, self.shape, self.device
+        batches = []
+        for micro in range(shape.accum):
+            idx = sample_indices(self.step, micro, self.rank, self.world, shape.micro_batch, shape.accum,
+                                 len(self.packed.train_ids), self.recipe.seed, perms)
+            batches.append((self.packed.train_ids[idx], self.packed.train_labels[idx]))
+        window = torch.tensor([sum(count_target_tokens(y) for _, y in batches)], device=device)
+        window_global = int(accel.reduce(window, reduction="sum").item()) if self.world > 1 else int(window)
+        scale = loss_scale(window_global, self.world)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        try:
+            for micro, (x, y) in enumerate(batches):
+                last = micro == shape.accum - 1
+                with contextlib.nullcontext() if last or self.world == 1 else accel.no_sync(self.net):
+                    loss = forward_loss_sum(self.net, self.unwrapped, x.to(device), y.to(device), self.head)
+                    accel.backward(loss * scale)
+                loss_sum += loss.detach().double()
+                del loss
+                self._check_resident_memory()
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raises
+            if not _is_oom(exc) or self.world > 1:
+                raise
+            loss = batches = None  # noqa: F841 - the step's activations go before the caches are emptied
+            self._back_off(exc)
+            return None
+        grad_norm = None
+        if self.recipe.max_grad_norm > 0:
+            grad_norm = float(accel.clip_grad_norm_(self.params, self.recipe.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            loss_sum = accel.reduce(loss_sum, reduction="sum")
+        return float(loss_sum) / max(1, window_global), grad_norm
+
+    def _check_resident_memory(self) -> None:
+        limit = self.memory_limit_bytes
+        if limit and self.device.type == "cpu" and current_rss_bytes() > limit:
+            raise _OverBudget(f"resident memory {current_rss_bytes() / 2**30:.2f} GiB is over the limit of "
+                              f"{limit / 2**30:.2f} GiB")
+
+    def _back_off(self, exc: BaseException) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        _free_memory(self.device)
+        if self.shape.micro_batch == 1:
+            self.save(self.step, collective=False)
+            raise RunError(f"out of memory at step {self.step + 1} with micro-batch 1 ({exc}); a checkpoint is saved "
+                           f"in {self.run_dir}. Lower seq_len, set gradient_checkpointing=true, use method=qlora or a "
+                           "smaller model, or give a larger budget; then --resume") from None
+        self.shape.back_off(self.step + 1, exc)
+        self.say(f"out of memory at step {self.step + 1} ({type(exc).__name__}); backing off to micro-batch "
+                 f"{self.shape.micro_batch} x accumulation {self.shape.accum} (same effective batch) and running the "
+                 "step again")
+
+    def _log_step(self, mfile, progress: Progress, mean_loss: float, grad_norm: float | None, dt: float,
+                  strength: float | None) -> None:
+        peak = peak_memory_bytes(self.device)
+        tps = tokens_per_second(self.tokens_per_step, dt)
+        if self.accelerator.is_main_process:
+            mfile.write(json.dumps({"step": self.step, "loss": round(mean_loss, 5),
+                                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                    "tokens": self.train_tokens, "tokens_per_second": round(tps, 2),
+                                    "step_seconds": round(dt, 4), "peak_memory_bytes": peak,
+                                    **({"bitnet_strength": strength} if self.bit else {})}) + "\n")
+            mfile.flush()
+        progress.update(self.step, f"loss {mean_loss:.4f}  {tps:6.1f} tok/s  peak {peak / 2**30:.2f} GiB",
+                        self.recipe.log_every)
+
+    def _periodic(self, mfile) -> None:
+        """Validation and checkpoints every eval_every / save_every steps (the last step has its own)."""
+        if self.step >= self.horizon:
+            return
+        if self.recipe.eval_every and self.step % self.recipe.eval_every == 0:
+            vl = self.validate()
+            self.say(f"step {self.step}: validation loss {vl:.4f} (perplexity {math.exp(vl):.2f})")
+            if self.accelerator.is_main_process:
+                mfile.write(json.dumps({"step": self.step, "val_loss": vl}) + "\n")
+        if self.recipe.save_every and self.step % self.recipe.save_every == 0:
+            self.save(self.step)
+
+    def _out_of_time(self, progress: Progress, steps_here: int, mean_step: float) -> bool:
+        if self.budget is None or self.step >= self.horizon:
+            return False
+        if self.budget.replan(steps_here):
+            self.horizon = max(self.step, min(self.recipe.max_steps,
+                                              self.step + int(self.budget.seconds_left() / mean_step)))
+            progress.set_total(self.horizon)
+            self.say(f"measured {mean_step:.2f} s/step: {self.horizon} steps fit the time limit")
+        stop = self.budget.must_stop(mean_step)
+        if self.world > 1:  # every process stops at the same step
+            flag = torch.tensor([int(stop)], device=self.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="max").item())
+        return stop
+
+    def save(self, at_step: int, collective: bool = True) -> None:
+        # every rank's RNG (dropout) goes into the checkpoint, so a resumed run draws the same masks; after
+        # Ctrl-C the other processes may be gone, so only this process's state is saved then
+        if self.world > 1 and collective:
+            from accelerate.utils import gather_object
+            rngs = dict(enumerate(gather_object([ckpt.get_rng_state()])))
+        else:
+            rngs = {0: ckpt.get_rng_state()}
+        if self.accelerator.is_main_process:
+            state = {"model": self.source.name, "world_size": self.world, "recipe": self.recipe.to_dict(),
+                     "data_fingerprint": self.packed.report["fingerprint"], "train_seconds": self.train_seconds,
+                     "train_tokens": self.train_tokens, "horizon_steps": self.horizon,
+                     "val_loss_before": self.val_before, **self.shape.state()}
+            ckpt.save_checkpoint(self.run_dir, at_step, self.unwrapped, self.optimizer, self.scheduler, state, rngs)
+        if collective:
+            self.accelerator.wait_for_everyone()
+
+    def _summary(self, val_after: float, peak: int, heap_bounded: bool,
+                 extra: dict[str, Any] | None) -> dict[str, Any]:
+        recipe, rep = self.recipe, self.packed.report
+        tps = tokens_per_second(self.train_tokens, self.train_seconds)
+        return {
+            "method": recipe.method, "recipe": recipe.name, "model": self.source.name, "steps": self.step,
+            "train_tokens": self.train_tokens, "tokens_per_second": round(tps, 2),
+            "mfu": round(mfu(tps / self.world, self.flops_tok, self.ceiling), 4), "peak_memory_bytes": peak,
+            "wall_seconds": round(time.perf_counter() - self.t_start, 2), "train_seconds": round(self.train_seconds, 2),
+            "val_loss_before": round(self.val_before, 5), "val_loss_after": round(val_after, 5),
+            "val_perplexity_before": round(math.exp(self.val_before), 4),
+            "val_perplexity_after": round(math.exp(val_after), 4),
+            "val_tokens": int(self.packed.val_ids.numel()), "trainable_params": self.trainable,
+            "total_params": self.total, "flops_per_token": self.flops_tok, "peak_flops": self.ceiling,
+            "peak_flops_source": self.ceiling_how, "malloc_mmap_threshold_fixed": heap_bounded,
+            "allocator": heap_allocator(), "max_steps": recipe.max_steps, "planned_steps": self.horizon,
+            "stopped_for_time": self.stopped_for_time, "time_limit_seconds": self.time_limit_s,
+            "memory_limit_bytes": self.memory_limit_bytes, "backoffs": self.shape.history,
+            "micro_batch_size_final": self.shape.micro_batch, "grad_accum_steps_final": self.shape.accum,
+            "world_size": self.world, "device": str(self.device), "machine": machine_info(), "versions": _versions(),
+            "data": {k: rep[k] for k in ("source", "format", "instruction_template", "kept", "dropped",
+                                         "train_sequences", "val_sequences") if k in rep},
+            **(extra or {}),
+        }
+
+
 def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, output: str | Path,
         resume: bool = False, overwrite: bool = False, skip_bad_lines: bool = False,
         extra_summary: dict[str, Any] | None = None, time_limit_s: float | None = None,
@@ -301,12 +686,10 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     # cpu=True without a GPU: that is what makes accelerate set up gloo (MULTI_CPU) under a multi-process
     # launcher; without it each process would train alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(output)
     prepare_output_dir(run_dir, resume, overwrite, check_only=True)
     set_seed(recipe.seed)
 
-    # ---- model source, tokenizer, data
     source: ModelSource = resolve_model_source(model)
     tokenizer = load_tokenizer(source)
     packed = build_data(data, recipe, tokenizer, skip_bad_lines)
@@ -315,283 +698,31 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                         f"{rep['dropped_total']} dropped {rep['dropped']}; {rep['train_docs']} train / {rep['val_docs']} "
                         f"val documents -> {rep['train_sequences']} x {recipe.seq_len} training tokens, "
                         f"{rep['val_sequences']} validation sequences")
+    net = _load_prepared_model(recipe, source, tokenizer, packed, accelerator)
+    if accelerator.is_main_process:  # model and data loaded fine: only now may --overwrite clear the old run
+        prepare_output_dir(run_dir, resume, overwrite)
+    accelerator.wait_for_everyone()
 
-    # ---- model and method
-    dtype = getattr(torch, recipe.dtype)
+    run = _Training(recipe, net, source, tokenizer, packed, accelerator, run_dir, t_start, time_limit_s,
+                    memory_limit_bytes)
+    if resume:
+        run.resume()
+    run.write_run_files()
+    run.open()
+    run.train()
+    return run.finish(heap_bounded, extra_summary)
+
+
+def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed: PackedData, accelerator):
+    """The base model in the recipe's dtype (and quantization), with FIM tokens added and the method applied."""
+    device = accelerator.device
     qconf = quantization_config(recipe, device.type)
-    net = load_model(source, dtype=dtype, **({"quantization_config": qconf, "device_map": {"": str(device)}}
-                                             if qconf is not None else {}))
+    net = load_model(source, dtype=getattr(torch, recipe.dtype),
+                     **({"quantization_config": qconf, "device_map": {"": str(device)}} if qconf is not None else {}))
     if packed.new_token_ids:
         net.resize_token_embeddings(len(tokenizer))
         _print(accelerator, f"added FIM tokens {packed.new_token_ids} to the tokenizer and resized the embeddings")
-    net = prepare_model(net, recipe, packed.new_token_ids)
-    if accelerator.is_main_process:
-        prepare_output_dir(run_dir, resume, overwrite)
-    accelerator.wait_for_everyone()
-    trainable, total = count_parameters(net)
-    frozen_mm, trainable_mm = matmul_flops(net)
-    cfg = net.config
-    n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
-    flops_tok = train_flops_per_token(frozen_mm, trainable_mm, n_layers, hidden, recipe.seq_len)
-    ceiling, ceiling_how = peak_flops(device)
-    _print(accelerator, f"model: {source.name} ({source.kind}), method {recipe.method}: {trainable:,} trainable of "
-                        f"{total:,} parameters ({100 * trainable / total:.2f}%); effective batch "
-                        f"{recipe.micro_batch_size} x {recipe.grad_accum_steps} x {world} process(es) = "
-                        f"{recipe.effective_batch_size * world} sequences = "
-                        f"{recipe.effective_batch_size * world * recipe.seq_len:,} tokens per step")
-
-    # ---- optimizer and schedule
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = make_optimizer(groups, recipe, device)
-    # the schedule's horizon: recipe.max_steps, or, under a time limit, the steps that fit in it (planned
-    # from the predicted throughput, then refined from the measured one after two steps)
-    horizon = {"steps": recipe.max_steps}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-        s, base_lr=1.0, warmup_steps=min(recipe.warmup_steps, max(1, horizon["steps"] // 2)),
-        max_steps=horizon["steps"], min_lr_ratio=recipe.min_lr_ratio))
-    net.train()
-    net, optimizer = accelerator.prepare(net, optimizer)
-    unwrapped = accelerator.unwrap_model(net)
-    head = fused_head(unwrapped) if recipe.fused_cross_entropy else None
-
-    bit = recipe.method == "bitnet"
-
-    eval_batch = [recipe.micro_batch_size]
-
-    def validate() -> float:
-        if bit:  # the model that gets saved: fully ternary, whatever the warmup's strength is now
-            from qtrain import bitnet
-            bitnet.set_strength(unwrapped, 1.0)
-        while True:
-            try:
-                return evaluate(net, packed.val_ids, packed.val_labels, eval_batch[0], accelerator, head, unwrapped)
-            except Exception as exc:  # noqa: BLE001 - out of memory backs off like training; the rest re-raises
-                if not _is_oom(exc) or world > 1 or eval_batch[0] == 1:
-                    raise
-                eval_batch[0] = halve_micro_batch(eval_batch[0], 1)[0]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                trim_heap()
-                _print(accelerator, f"out of memory during validation; validating at micro-batch {eval_batch[0]}")
-
-    # ---- resume
-    recipe_dict = {**recipe.to_dict(), "_data_fingerprint": rep["fingerprint"]}
-    step, train_seconds, train_tokens, val_before = 0, 0.0, 0, None
-    if resume:
-        latest, state = ckpt.resume_from(
-            run_dir, unwrapped, optimizer, scheduler, rank,
-            check=lambda s: ckpt.check_compatible(s, recipe_dict, source.name, world),
-            say=lambda m: _print(accelerator, m))
-        step, train_seconds, train_tokens = state["step"], state["train_seconds"], state["train_tokens"]
-        horizon["steps"] = state.get("horizon_steps", recipe.max_steps)
-        val_before = state.get("val_loss_before")
-        _print(accelerator, f"resumed from {latest} at step {step}")
-    if accelerator.is_main_process:
-        atomic_write_json(run_dir / RUN_MARKER, {"qtrain_run": 1, "model": source.name, "model_source": source.kind,
-                                                "base_model": source.ref, "method": recipe.method,
-                                                "vocab_size": len(tokenizer),
-                                                "added_tokens": packed.new_token_ids})
-        save_recipe(recipe, run_dir / "recipe.yaml")
-        atomic_write_json(run_dir / "data_report.json", rep)
-
-    micro_batch, accum = recipe.micro_batch_size, recipe.grad_accum_steps  # lowered by an out-of-memory back-off
-    backoffs: list[dict] = []
-    if resume and state.get("backoff"):
-        micro_batch, accum = state["backoff"]["micro_batch_size"], state["backoff"]["grad_accum_steps"]
-        backoffs = state["backoff"].get("history", [])
-        _print(accelerator, f"resuming with the backed-off micro-batch {micro_batch} x accumulation {accum}")
-    start_step, session_train_s0 = step, train_seconds
-    t_val = time.perf_counter()
-    if val_before is None:
-        val_before = validate()
-    val_seconds = time.perf_counter() - t_val
-    _print(accelerator, f"validation loss before: {val_before:.4f} (perplexity {math.exp(val_before):.2f}) on "
-                        f"{int(packed.val_ids.numel()):,} tokens")
-    tokens_per_step = recipe.effective_batch_size * world * recipe.seq_len
-    if time_limit_s is not None and not resume:
-        predicted_tps = ASSUMED_MFU * ceiling * world / flops_tok
-        left = time_limit_s - (time.perf_counter() - t_start) - 2 * val_seconds - 10
-        horizon["steps"] = max(1, min(recipe.max_steps, int(left * predicted_tps / tokens_per_step)))
-        _print(accelerator, f"time limit {time_limit_s:.0f} s: planned {horizon['steps']} steps from the predicted "
-                            f"{predicted_tps:.0f} tokens/s (refined after 2 steps)")
-
-    # ---- loop
-    metrics_path = run_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        _truncate_metrics(metrics_path, step)
-    progress = Progress(horizon["steps"], step, accelerator.is_main_process)
-    perms: dict[int, torch.Tensor] = {}
-    n_seq = len(packed.train_ids)
-    interrupted = False
-    stopped_for_time = False
-    final_eval_s = 0.0
-    old_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _in_main_thread() else None
-    state_common = {"model": source.name, "world_size": world, "recipe": recipe.to_dict(),
-                    "data_fingerprint": rep["fingerprint"]}
-
-    def save(at_step: int, collective: bool = True) -> None:
-        # every rank's RNG (dropout) goes into the checkpoint, so a resumed run draws the same masks; after
-        # Ctrl-C the other processes may be gone, so only this process's state is saved then
-        if world > 1 and collective:
-            from accelerate.utils import gather_object
-            rngs = dict(enumerate(gather_object([ckpt.get_rng_state()])))
-        else:
-            rngs = {0: ckpt.get_rng_state()}
-        if accelerator.is_main_process:
-            ckpt.save_checkpoint(run_dir, at_step, unwrapped, optimizer, scheduler,
-                                 {**state_common, "train_seconds": train_seconds, "train_tokens": train_tokens,
-                                  "horizon_steps": horizon["steps"],
-                                  "val_loss_before": val_before,
-                                  **({"backoff": {"micro_batch_size": micro_batch, "grad_accum_steps": accum,
-                                                  "history": backoffs}} if backoffs else {})}, rngs)
-        if collective:
-            accelerator.wait_for_everyone()
-
-    try:
-        with open(metrics_path, "a") if accelerator.is_main_process else contextlib.nullcontext() as mfile:
-            while step < horizon["steps"]:
-                t0 = time.perf_counter()
-                if bit:
-                    from qtrain import bitnet
-                    strength = bitnet.strength_at(step, recipe.bitnet_warmup_steps, horizon["steps"])
-                    bitnet.set_strength(unwrapped, strength)
-                batches = []
-                for micro in range(accum):
-                    idx = sample_indices(step, micro, rank, world, micro_batch, accum, n_seq, recipe.seed, perms)
-                    batches.append((packed.train_ids[idx], packed.train_labels[idx]))
-                window = torch.tensor([sum(count_target_tokens(y) for _, y in batches)], device=device)
-                window_global = int(accelerator.reduce(window, reduction="sum").item()) if world > 1 else int(window)
-                scale = loss_scale(window_global, world)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                try:
-                    for micro, (x, y) in enumerate(batches):
-                        last = micro == accum - 1
-                        with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(net):
-                            loss = forward_loss_sum(net, unwrapped, x.to(device), y.to(device), head)
-                            accelerator.backward(loss * scale)
-                        loss_sum += loss.detach().double()
-                        del loss
-                        if memory_limit_bytes and device.type == "cpu" and current_rss_bytes() > memory_limit_bytes:
-                            raise _OverBudget(f"resident memory {current_rss_bytes() / 2**30:.2f} GiB is over the "
-                                              f"limit of {memory_limit_bytes / 2**30:.2f} GiB")
-                except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raises
-                    if not _is_oom(exc) or world > 1:
-                        raise
-                    loss = None
-                    optimizer.zero_grad(set_to_none=True)
-                    batches = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    trim_heap()
-                    if micro_batch == 1:
-                        save(step, collective=False)
-                        raise RunError(f"out of memory at step {step + 1} with micro-batch 1 ({exc}); a checkpoint "
-                                       f"is saved in {run_dir}. Lower seq_len, set gradient_checkpointing=true, use "
-                                       "method=qlora or a smaller model, or give a larger budget; then --resume") from None
-                    micro_batch, accum = halve_micro_batch(micro_batch, accum)
-                    eval_batch[0] = min(eval_batch[0], micro_batch)
-                    backoffs.append({"step": step + 1, "micro_batch_size": micro_batch, "grad_accum_steps": accum,
-                                     "reason": f"{type(exc).__name__}: {str(exc)[:160]}"})
-                    _print(accelerator, f"out of memory at step {step + 1} ({type(exc).__name__}); backing off to "
-                                        f"micro-batch {micro_batch} x accumulation {accum} (same effective batch) and "
-                                        "running the step again")
-                    continue
-                grad_norm = None
-                if recipe.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, recipe.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if world > 1:
-                    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-                step += 1
-                dt = time.perf_counter() - t0
-                train_seconds += dt
-                train_tokens += tokens_per_step
-                mean_loss = float(loss_sum) / max(1, window_global)
-                peak = peak_memory_bytes(device)
-                tps = tokens_per_second(tokens_per_step, dt)
-                if accelerator.is_main_process:
-                    mfile.write(json.dumps({"step": step, "loss": round(mean_loss, 5), "lr": scheduler.get_last_lr()[0],
-                                            "grad_norm": grad_norm, "tokens": train_tokens,
-                                            "tokens_per_second": round(tps, 2), "step_seconds": round(dt, 4),
-                                            "peak_memory_bytes": peak, **({"bitnet_strength": strength} if bit else {})}) + "\n")
-                    mfile.flush()
-                progress.update(step, f"loss {mean_loss:.4f}  {tps:6.1f} tok/s  peak {peak / 2**30:.2f} GiB",
-                                recipe.log_every)
-                if recipe.eval_every and step % recipe.eval_every == 0 and step < horizon["steps"]:
-                    vl = validate()
-                    _print(accelerator, f"step {step}: validation loss {vl:.4f} (perplexity {math.exp(vl):.2f})")
-                    if accelerator.is_main_process:
-                        mfile.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
-                if recipe.save_every and step % recipe.save_every == 0 and step < horizon["steps"]:
-                    save(step)
-                if time_limit_s is not None and step < horizon["steps"]:
-                    elapsed = time.perf_counter() - t_start
-                    mean_step = (train_seconds - session_train_s0) / max(1, step - start_step)
-                    final_eval_s = val_seconds  # the closing evaluation costs what the opening one did
-                    if step - start_step in (2, 5, 20, 50, 200, 1000):
-                        left = time_limit_s - elapsed - final_eval_s - 10
-                        horizon["steps"] = max(step, min(recipe.max_steps, step + int(left / mean_step)))
-                        progress.set_total(horizon["steps"])
-                        _print(accelerator, f"measured {mean_step:.2f} s/step: {horizon['steps']} steps fit the time limit")
-                    stop = elapsed + mean_step + final_eval_s + 5.0 > time_limit_s
-                    if world > 1:
-                        stop = bool(accelerator.reduce(torch.tensor([int(stop)], device=device), reduction="max").item())
-                    if stop:
-                        stopped_for_time = True
-                        _print(accelerator, f"time limit {time_limit_s:.0f} s: stopping after step {step} "
-                                            f"(mean step {mean_step:.1f} s)")
-                        break
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-    if interrupted:
-        save(step, collective=False)
-        _print(accelerator, f"interrupted: checkpoint saved at step {step} in {run_dir}; continue with --resume")
-        raise SystemExit(130)
-
-    save(step)
-    val_after = validate()
-    peak = peak_memory_bytes(device)
-    if world > 1:
-        peak = int(accelerator.reduce(torch.tensor([peak], device=device), reduction="max").item())
-    tps = tokens_per_second(train_tokens, train_seconds)
-    summary = {
-        "method": recipe.method, "recipe": recipe.name, "model": source.name, "steps": step,
-        "train_tokens": train_tokens, "tokens_per_second": round(tps, 2),
-        "mfu": round(mfu(tps / world, flops_tok, ceiling), 4), "peak_memory_bytes": peak,
-        "wall_seconds": round(time.perf_counter() - t_start, 2), "train_seconds": round(train_seconds, 2),
-        "val_loss_before": round(val_before, 5), "val_loss_after": round(val_after, 5),
-        "val_perplexity_before": round(math.exp(val_before), 4), "val_perplexity_after": round(math.exp(val_after), 4),
-        "val_tokens": int(packed.val_ids.numel()), "trainable_params": trainable, "total_params": total,
-        "flops_per_token": flops_tok, "peak_flops": ceiling, "peak_flops_source": ceiling_how,
-        "malloc_mmap_threshold_fixed": heap_bounded, "allocator": heap_allocator(),
-        "max_steps": recipe.max_steps, "planned_steps": horizon["steps"], "stopped_for_time": stopped_for_time,
-        "time_limit_seconds": time_limit_s,
-        "memory_limit_bytes": memory_limit_bytes, "backoffs": backoffs,
-        "micro_batch_size_final": micro_batch, "grad_accum_steps_final": accum,
-        "world_size": world, "device": str(device), "machine": machine_info(), "versions": _versions(),
-        "data": {k: rep[k] for k in ("source", "format", "instruction_template", "kept", "dropped", "train_sequences",
-                                     "val_sequences") if k in rep},
-        **(extra_summary or {}),
-    }
-    if accelerator.is_main_process:
-        save_final(unwrapped, tokenizer, run_dir, recipe)
-        atomic_write_json(run_dir / "summary.json", summary)
-        _print(accelerator, f"done: {step} steps, {train_tokens:,} tokens at {tps:.1f} tokens/s (MFU {summary['mfu']:.1%}), "
-                            f"validation perplexity {summary['val_perplexity_before']:.2f} -> "
-                            f"{summary['val_perplexity_after']:.2f}, peak memory {peak / 2**30:.2f} GiB; saved in {run_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return prepare_model(net, recipe, packed.new_token_ids)
 
 
 def make_optimizer(groups, recipe: Recipe, device: torch.device):

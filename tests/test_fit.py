@@ -272,3 +272,27 @@ def test_out_of_memory_at_micro_batch_1_stops_with_a_checkpoint_and_the_way_out(
     with pytest.raises(RunError, match="out of memory at step 1 with micro-batch 1.*gradient_checkpointing=true"):
         fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "r", memory_limit_bytes=1)
     assert (tmp_path / "r" / "checkpoints" / "latest").is_file()
+
+
+def test_time_budget_plans_replans_and_stops(monkeypatch):
+    from qtrain import train
+    from qtrain.train import TimeBudget
+
+    now = {"t": 100.0}
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now["t"])
+    budget = TimeBudget(limit_s=60.0, t_start=100.0, closing_eval_s=4.0)
+    assert budget.seconds_left() == 60 - 4 - TimeBudget.RESERVE_S
+    assert [n for n in range(1, 30) if budget.replan(n)] == [2, 5, 20]
+    now["t"] = 140.0  # 40 s gone: a 10 s step, the 4 s closing evaluation and the margin still fit in 60 s
+    assert not budget.must_stop(mean_step_s=10.0)
+    assert budget.must_stop(mean_step_s=12.0)
+
+
+def test_a_time_limit_shapes_the_horizon(tmp_path, tiny_model_dir, code_dir):
+    """No time to spare: the plan is one step, saved and summarised; plenty of time: the recipe's max_steps."""
+    recipe = load_recipe(None, TINY + ["max_steps=3"])
+    short = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "short", time_limit_s=1e-3)
+    assert short["planned_steps"] == 1 and short["steps"] == 1 and short["time_limit_seconds"] == 1e-3
+    assert (tmp_path / "short" / "adapter_model.safetensors").is_file()
+    long = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "long", time_limit_s=3600)
+    assert long["planned_steps"] == 3 and long["steps"] == 3 and not long["stopped_for_time"]
