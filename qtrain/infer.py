@@ -160,7 +160,7 @@ def stream_generate(loaded: Loaded, prompt: str, *, max_new_tokens: int = 128, t
                if isinstance(t, int)}
         token_iter = dec.generate(enc["input_ids"][0].tolist(), max_new_tokens, eos, temperature, top_p,
                                   np.random.default_rng(seed))
-        streamer = _text_pieces(tok, token_iter, eos)
+        streamer = text_pieces(tok, token_iter, eos)
         worker = None
     else:
         worker = Thread(target=run, daemon=True)
@@ -199,7 +199,7 @@ def cut_at_stops(pieces: Iterator[str], stop: list[str] | None, found: list | No
         yield emitted[sent:]
 
 
-def _text_pieces(tok, token_iter, eos: set[int]) -> Iterator[str]:
+def text_pieces(tok, token_iter, eos: set[int]) -> Iterator[str]:
     """Decode a stream of token ids into text pieces (whole characters only; EOS not shown)."""
     ids: list[int] = []
     shown = ""

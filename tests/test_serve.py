@@ -465,3 +465,30 @@ def test_page_streams_a_completion_in_headless_chromium(server, tmp_path):
             print(f"screenshot: {shot}; stats: {stats}")
         finally:
             browser.close()
+
+
+def test_protocol_validates_and_builds_without_http():
+    from qtrain.serve.protocol import (ChatChunks, CompletionChunks, CompletionRequest, ServeConfigError,
+                                       check_limits, completion_prompt, finish_reason, parse_request)
+
+    cfg = ServeConfig(model_id="m", max_tokens=8)
+    req = parse_request(CompletionRequest, b'{"prompt": ["def f():"], "stop": "\\n\\n", "max_tokens": 4}')
+    assert completion_prompt(req) == "def f():" and check_limits(req, req.max_tokens, cfg) == (4, ["\n\n"])
+    for body, param in ((b'{"prompt": "x", "max_tokens": 9}', "max_tokens"), (b'{"prompt": "x", "n": 2}', "n"),
+                        (b'{"prompt": "x", "model": "other"}', "model"), (b'{"prompt": ["a", "b"]}', "prompt"),
+                        (b'{"prompt": "x", "echo": true}', "echo"), (b'{"prompt": 5}', "prompt")):
+        with pytest.raises(APIError) as err:
+            r = parse_request(CompletionRequest, body)
+            completion_prompt(r)
+            check_limits(r, r.max_tokens, cfg)
+        assert err.value.param == param and 400 <= err.value.status < 500, (body, err.value.message)
+    chat = ChatChunks("m")
+    first, second = chat.chunk("a", None), chat.chunk("b", None)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
+    assert second["choices"][0]["delta"] == {"content": "b"} and first["id"] == second["id"]
+    assert chat.chunk("", "stop")["choices"][0]["delta"] == {}
+    done = CompletionChunks("m").response("hi", finish_reason("timeout"), {"total_tokens": 3})
+    assert done["choices"][0]["finish_reason"] == "length" and done["usage"] == {"total_tokens": 3}
+    for bad in ({"max_tokens": 0}, {"timeout_s": float("nan")}, {"max_queue": -1}, {"api_key": " "}):
+        with pytest.raises(ServeConfigError, match=next(iter(bad))):
+            ServeConfig(**bad)
