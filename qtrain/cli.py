@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from qtrain.recipe import RecipeError, load_recipe
+from qtrain.errors import UsageError
+from qtrain.recipe import load_recipe
 
 # A declared (not measured) dense bf16 ceiling for throughput predictions on a GPU qtrain cannot see:
 # roughly an RTX 4090's 165 TFLOP/s halved for what training kernels reach; a prediction, labelled as such.
@@ -29,10 +30,10 @@ def parse_duration(text: str) -> float:
 
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms]?)", text.strip().lower())
     if not parts or "".join(n + u for n, u in parts) != re.sub(r"\s+", "", text.strip().lower()):
-        raise RecipeError(f"--time {text!r} is not a duration; write it like 30m, 2h, 90s or 1h30m")
+        raise UsageError(f"--time {text!r} is not a duration; write it like 30m, 2h, 90s or 1h30m")
     seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
     if seconds <= 0:
-        raise RecipeError(f"--time {text!r} must be positive")
+        raise UsageError(f"--time {text!r} must be positive")
     return seconds
 
 
@@ -103,7 +104,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         recipe = plan.chosen.recipe.replace(name=f"{prefix}-{plan.chosen.recipe.method}")
         extra = {"budget_bytes": plan.budget_bytes, "plan_reason": plan.reason}
     if args.resume and not args.output:
-        raise RecipeError("--resume needs --output/-o naming the run directory to continue")
+        raise UsageError("--resume needs --output/-o naming the run directory to continue")
     output = Path(args.output) if args.output else _default_output(recipe.name)
     from qtrain.models import resolve_model_source
     from qtrain.plan import model_shape, predict
@@ -178,7 +179,7 @@ def _parse_agreement(values: list[str] | None) -> dict:
         except ValueError:
             x = -1.0
         if not 0.0 <= x <= 1.0 or (fmt and fmt not in out):
-            raise RecipeError(f"--min-agreement {v!r}: give a fraction in [0, 1], for all formats (0.9) or "
+            raise UsageError(f"--min-agreement {v!r}: give a fraction in [0, 1], for all formats (0.9) or "
                               f"one format ({'=0.9, '.join(out)}=0.9)")
         for k in ([fmt] if fmt else list(out)):
             out[k] = x
@@ -187,11 +188,11 @@ def _parse_agreement(values: list[str] | None) -> dict:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if not (args.onnx or args.gguf):
-        raise RecipeError("say what to export: --onnx (with --int8/--int4) and/or --gguf")
+        raise UsageError("say what to export: --onnx (with --int8/--int4) and/or --gguf")
     if (args.int8 or args.int4) and not args.onnx:
-        raise RecipeError("--int8 and --int4 are ONNX formats; add --onnx")
+        raise UsageError("--int8 and --int4 are ONNX formats; add --onnx")
     if args.block_size not in (16, 32, 64, 128, 256):
-        raise RecipeError(f"--block-size {args.block_size} is not one onnxruntime's MatMulNBits supports; "
+        raise UsageError(f"--block-size {args.block_size} is not one onnxruntime's MatMulNBits supports; "
                           "use 16, 32, 64, 128 or 256")
     src = args.run
     if args.onnx:
@@ -233,11 +234,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     if args.max_new_tokens <= 0:
-        raise RecipeError(f"--max-new-tokens {args.max_new_tokens} must be positive")
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be positive")
     loaded = load_for_inference(args.model, threads=args.threads)
     chat = loaded.is_chat if args.chat is None else args.chat
     if args.chat and not loaded.is_chat:
-        raise RecipeError(f"{loaded.name} has no chat template; drop --chat")
+        raise UsageError(f"{loaded.name} has no chat template; drop --chat")
     start = time.perf_counter()
     text = ""
     if not chat:
@@ -257,7 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qtrain import bench
 
     if not args.matrix and not args.budget and not args.report:
-        raise RecipeError("say what to do: --matrix methods|tradeoff|budget|FILE.yaml to run a matrix, --budget 8GB "
+        raise UsageError("say what to do: --matrix methods|tradeoff|budget|FILE.yaml to run a matrix, --budget 8GB "
                           "for the recipes that fit, or --report DIR to redraw a result")
     if args.report:
         rows = bench.load_rows(Path(args.report))
@@ -296,9 +297,9 @@ def _bench_quality(args: argparse.Namespace) -> int:
     from qtrain.quality import quality_rows, render_quality
 
     if not args.eval_data:
-        raise RecipeError("--matrix quality scores every row on MBPP's test split: give --eval-data mbpp.jsonl")
+        raise UsageError("--matrix quality scores every row on MBPP's test split: give --eval-data mbpp.jsonl")
     if args.eval_limit is not None and args.eval_limit <= 0:
-        raise RecipeError(f"--eval-limit {args.eval_limit} must be positive")
+        raise UsageError(f"--eval-limit {args.eval_limit} must be positive")
     time_s = parse_duration(args.time or "20m")
     out = Path(args.output or "runs/bench-quality")
     rows = bench.run_matrix("quality", out, 1_000_000, model=args.model, data=args.data, country=args.country,
@@ -330,12 +331,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from qtrain.serve import ServeConfig, serve
     except ImportError as exc:
-        raise RecipeError(f"qtrain serve needs the serve extra: pip install 'qtrain[serve]' ({exc})") from None
+        raise UsageError(f"qtrain serve needs the serve extra: pip install 'qtrain[serve]' ({exc})") from None
     for name in ("max_tokens", "max_prompt_tokens", "queue", "concurrency", "port"):
         if getattr(args, name) <= 0:
-            raise RecipeError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise RecipeError(f"--timeout {args.timeout} must be a positive number of seconds")
+        raise UsageError(f"--timeout {args.timeout} must be a positive number of seconds")
     key = args.api_key or os.environ.get("QTRAIN_API_KEY") or None
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -472,13 +473,7 @@ def _add_rejection_sample_parser(sub) -> None:
     rs.set_defaults(func=cmd_rejection_sample)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qtrain", description="Fine-tune small code models within a memory budget.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages")
-    from qtrain import __version__
-
-    parser.add_argument("--version", action="version", version=f"qtrain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_fit_parser(sub) -> None:
 
     fit = sub.add_parser("fit", help="fine-tune a model", description="Fine-tune a model on code. Any recipe field "
                          "can be overridden as key=value (e.g. lora_r=8 learning_rate=1e-4).")
@@ -501,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(fit, with_task=False)
     fit.set_defaults(func=cmd_fit)
 
+def _add_plan_parser(sub) -> None:
     plan = sub.add_parser("plan", help="predict memory per recipe and pick the one that fits a budget",
                           description="Predict peak training memory from the model config alone and pick a recipe.")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="base recipe overrides (e.g. seq_len=2048)")
@@ -511,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
+def _add_export_parser(sub) -> None:
     exp = sub.add_parser("export", help="export a trained model to ONNX (fp32/int8/int4) or GGUF, with a parity report",
                          description="Export a run directory (or any model) to ONNX and/or GGUF and prove parity.")
     exp.add_argument("run", nargs="?", help="run directory of `qtrain fit` (or a model dir / hub id); "
@@ -546,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing export")
     exp.set_defaults(func=cmd_export)
 
+def _add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text from a run, an ONNX export or any model (streamed)")
     gen.add_argument("model", nargs="?", help="run directory, ONNX export directory, model dir / hub id / .gguf; "
                      "default: the embedded model")
@@ -560,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int)
     gen.set_defaults(func=cmd_generate)
 
+def _add_bench_parser(sub) -> None:
     ben = sub.add_parser("bench", help="benchmark a matrix of recipes (memory, tokens/s, energy, loss) or answer a budget",
                          description="Run a matrix of recipes, each in its own process under CodeCarbon, into one JSON "
                                      "per row, then Markdown tables and PNG plots; or list what fits a budget.")
@@ -583,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--eval-limit", type=int, help="quality matrix: the first N MBPP test problems (default all 500)")
     ben.set_defaults(func=cmd_bench)
 
+def _add_serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="an OpenAI-compatible completion server and a web page to try the model",
                          description="Serve a run directory, an ONNX export or any model: POST /v1/completions, "
                                      "/v1/chat/completions, GET /v1/models, /health, and a page at /.")
@@ -602,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int)
     srv.set_defaults(func=cmd_serve)
 
+def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="pass@k on HumanEval / MBPP with generated code run in a sandbox",
                         description="Generate solutions and run them with their tests in a sandbox (bubblewrap).")
     ev.add_argument("model", nargs="?", help="run directory, ONNX export, model dir / hub id / .gguf; default: embedded")
@@ -612,6 +613,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", help="output directory (default: runs/eval-TASK-TIMESTAMP)")
     ev.set_defaults(func=cmd_eval)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtrain", description="Fine-tune small code models within a memory budget.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library messages")
+    from qtrain import __version__
+
+    parser.add_argument("--version", action="version", version=f"qtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_fit_parser(sub)
+    _add_plan_parser(sub)
+    _add_export_parser(sub)
+    _add_generate_parser(sub)
+    _add_bench_parser(sub)
+    _add_serve_parser(sub)
+    _add_eval_parser(sub)
     _add_rejection_sample_parser(sub)
 
     rec = sub.add_parser("recipes", help="list the shipped recipes")
