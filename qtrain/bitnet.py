@@ -119,21 +119,25 @@ def convert(model: nn.Module, use_rms_norm: bool = False, rms_norm_eps: float = 
     ``BitLinear`` cannot hold the remainder.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    converted, kept = [], []
+    converted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or child is head:
-                continue
-            if child.out_features % PACK:
-                kept.append(f"{full} (out_features {child.out_features} is not a multiple of {PACK})")
+            if type(child) is not nn.Linear or child is head or child.out_features % PACK:
                 continue
             setattr(module, child_name, BitNetLinear.from_linear(child, use_rms_norm, rms_norm_eps))
-            converted.append(full)
+            converted.append(f"{name}.{child_name}" if name else child_name)
     if not converted:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer that BitNet can convert "
                          "(transformers' Conv1D layers of GPT-2-style models are not supported; use lora or full)")
-    return converted, kept
+    return converted, kept_reasons(model)
+
+
+def kept_reasons(model: nn.Module) -> list[str]:
+    """The linear layers of a converted model that stayed full precision besides the LM head, and why; read
+    from the model itself, so nothing has to travel beside it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [f"{name} (out_features {m.out_features} is not a multiple of {PACK})" for name, m in model.named_modules()
+            if type(m) is nn.Linear and m is not head and m.out_features % PACK]
 
 
 def set_strength(model: nn.Module, lam: float) -> None:
@@ -169,7 +173,7 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_packed(model, tokenizer, out: Path, use_rms_norm: bool, rms_norm_eps: float, kept: list[str] | None = None,
+def save_packed(model, tokenizer, out: Path, use_rms_norm: bool, rms_norm_eps: float,
                 final_strength: float = 1.0) -> None:
     """Save ``model`` (converted with :func:`convert`) so that ``AutoModelForCausalLM.from_pretrained(out)`` loads
     it with transformers' BitNet support (``BitLinear`` modules, 2-bit packed weights)."""
@@ -185,7 +189,7 @@ def save_packed(model, tokenizer, out: Path, use_rms_norm: bool, rms_norm_eps: f
     had = getattr(config, "quantization_config", None)
     config.quantization_config = qconf
     config.qtrain_bitnet = {"scale_convention": SCALE_CONVENTION, "ternary_layers": len(bit),
-                            "full_precision_linear_layers": full_precision, "kept_reasons": kept or [],
+                            "full_precision_linear_layers": full_precision, "kept_reasons": kept_reasons(model),
                             "final_strength": final_strength}
     try:
         model.save_pretrained(out, state_dict=packed_state_dict(model), safe_serialization=True)

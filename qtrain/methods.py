@@ -133,7 +133,6 @@ def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | N
             raise RecipeError(f"method=bitnet: {exc}") from None
         log.info("bitnet: %d linear layers made ternary; kept in full precision: %s", len(converted),
                  ", ".join(kept) or "none besides the LM head")
-        model._qtrain_bitnet_kept = kept
         # every parameter trains: the ternary layers' full-precision shadow weights, embeddings and norms
         for p in model.parameters():
             p.requires_grad_(True)

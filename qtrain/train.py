@@ -191,7 +191,7 @@ def save_final(model, tokenizer, run_dir: Path, recipe: Recipe) -> None:
             from qtrain import bitnet
 
             bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm,
-                               getattr(model.config, "rms_norm_eps", 1e-6), getattr(model, "_qtrain_bitnet_kept", []))
+                               getattr(model.config, "rms_norm_eps", 1e-6))
         else:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)

@@ -105,6 +105,8 @@ def test_packed_round_trip_matches_the_training_forward(tmp_path, tiny_model_dir
     cfg = json.loads((tmp_path / "packed" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitnet"
     assert "1 / mean(|W|)" in cfg["qtrain_bitnet"]["scale_convention"]
+    # gate/up (62 rows) stay full precision, and the file says why (read from the model, nothing stuck onto it)
+    assert any("gate_proj" in k and "62" in k for k in cfg["qtrain_bitnet"]["kept_reasons"])
 
     back = bitnet.load_packed(tmp_path / "packed")
     layer = back.model.layers[0].self_attn.q_proj
