@@ -79,6 +79,7 @@ def test_convert_keeps_the_head_and_rows_that_cannot_be_packed():
     # q k v o and down (32 rows); gate/up have 62 rows, which 4-per-byte packing cannot hold -> kept
     assert sorted(c.rsplit(".", 1)[-1] for c in converted) == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
     assert any("gate_proj" in k and "62" in k for k in kept)
+    assert bitnet.kept_reasons(m) == kept  # what save_packed records, read back from the converted model
     with pytest.raises(ValueError, match="no nn.Linear"):
         bitnet.convert(nn.Sequential(nn.Embedding(4, 4)))
 
@@ -105,8 +106,7 @@ def test_packed_round_trip_matches_the_training_forward(tmp_path, tiny_model_dir
     cfg = json.loads((tmp_path / "packed" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitnet"
     assert "1 / mean(|W|)" in cfg["qtrain_bitnet"]["scale_convention"]
-    # gate/up (62 rows) stay full precision, and the file says why (read from the model, nothing stuck onto it)
-    assert any("gate_proj" in k and "62" in k for k in cfg["qtrain_bitnet"]["kept_reasons"])
+    assert cfg["qtrain_bitnet"]["kept_reasons"] == []  # every layer but the head packs (64-row MLP)
 
     back = bitnet.load_packed(tmp_path / "packed")
     layer = back.model.layers[0].self_attn.q_proj
