@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from qtrain.recipe import Recipe, RecipeError
+from qtrain.recipe import TARGET_PRESETS, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,7 @@ def resolve_target_modules(model: nn.Module, spec: str | list[str]) -> list[str]
             raise RecipeError(f"target_modules {unknown} match no linear or embedding layer of this model; "
                               f"its layers are named {sorted({n.rsplit('.', 1)[-1] for ns in roles.values() for n in ns})}")
         return spec
-    if spec == "all-linear":
-        names = roles["attention"] + roles["mlp"] + roles["other"]
-    else:
-        wanted = {"attention": ["attention"], "mlp": ["mlp"], "language": ["language"],
-                  "attention+mlp": ["attention", "mlp"], "all": ["attention", "mlp", "other", "language"]}[spec]
-        names = [n for r in wanted for n in roles[r]]
+    names = [n for role in TARGET_PRESETS[spec] for n in roles[role]]
     if not names:
         raise RecipeError(f"target_modules preset {spec!r} matches no layer of this model "
                           f"({type(model).__name__}); name the modules explicitly as a list")

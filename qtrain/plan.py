@@ -94,7 +94,7 @@ def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> in
     mlp_tensors = 4 if shape.gated_mlp else 2
     per_token = b * (8 * h + 2 * kv + mlp_tensors * i + heads + 2)
     if recipe.method in ("lora", "qlora"):
-        frac = _adapted_fraction(recipe.target_modules)
+        frac = shape.adapted_fraction(recipe.target_modules)
         per_token += frac * (-2 * h * b + 7 * recipe.lora_r * b)
         if recipe.lora_dropout > 0:
             per_token += frac * ((6 * h + i) + 4 * h * b)
@@ -107,13 +107,6 @@ def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> in
         per_token += (12 * h + 2 * i + 7) * b if recipe.bitnet_rms_norm else 4 * h * b
         fixed = sum(shape.layer_linear_params().values()) * b
     return int(per_token * tokens) + fixed
-
-
-def _adapted_fraction(targets) -> float:
-    if isinstance(targets, list):
-        return min(1.0, len(targets) / 7)
-    return {"attention": 4 / 7, "mlp": 3 / 7, "language": 0.0, "attention+mlp": 1.0, "all-linear": 1.0,
-            "all": 1.0}[targets]
 
 
 @dataclass

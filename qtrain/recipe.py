@@ -30,7 +30,16 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # Target-module presets of the full-vs-LoRA trade-off study of small code models ("Attention Modules", "Fully Connected Module",
 # "Language Feature Modules") plus the usual all-linear. Resolved against the real module names of
 # the loaded model in qtrain.methods, so they work for any decoder architecture.
-TARGET_PRESETS = ("attention", "mlp", "language", "attention+mlp", "all-linear", "all")
+# LoRA target presets: the module roles each adapts (roles as methods.classify_modules names them). The one
+# table that the recipe check, the model preparation (methods) and the planner's counts (shapes, plan) read.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention",),
+    "mlp": ("mlp",),
+    "language": ("language",),  # input embeddings and LM head
+    "attention+mlp": ("attention", "mlp"),
+    "all-linear": ("attention", "mlp", "other"),
+    "all": ("attention", "mlp", "other", "language"),
+}
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

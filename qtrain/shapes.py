@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from qtrain.errors import QtrainError
+from qtrain.recipe import TARGET_PRESETS
 
 KNOWN = Path(__file__).resolve().parent / "model_configs" / "known_models.json"
 
@@ -64,22 +65,41 @@ class ModelShape:
         head = 0 if self.tied else self.vocab * self.hidden
         return emb + self.n_layers * (per["attention"] + per["mlp"]) + norms + bias + head
 
-    def lora_params(self, r: int, targets: str | list[str]) -> int:
-        """LoRA A and B elements for a target preset: r x (in + out) per adapted matrix."""
+    def layer_matrices(self) -> dict[str, tuple[str, int, int]]:
+        """One decoder layer's linear maps under Llama's names: name -> (role, in, out). A GELU MLP has no gate."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        attn = [(h, h), (h, kv), (h, kv), (h, h)]
-        mlp = [(h, i), (h, i), (i, h)] if self.gated_mlp else [(h, i), (i, h)]
-        language = [(self.vocab, h), (h, self.vocab)]
+        out = {"q_proj": ("attention", h, h), "k_proj": ("attention", h, kv), "v_proj": ("attention", h, kv),
+               "o_proj": ("attention", h, h)}
+        if self.gated_mlp:
+            out["gate_proj"] = ("mlp", h, i)
+        out.update(up_proj=("mlp", h, i), down_proj=("mlp", i, h))
+        return out
+
+    def lora_matrices(self, targets: str | list[str]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The (in, out) of the matrices LoRA adapts for a preset or a list of module names: those in every
+        decoder layer, and those present once (input embeddings and LM head)."""
+        layer = self.layer_matrices()
         if isinstance(targets, list):
-            names = {t.rsplit(".", 1)[-1] for t in targets}
-            a = [m for m, n in zip(attn, ("q_proj", "k_proj", "v_proj", "o_proj")) if n in names]
-            m_ = [m for m, n in zip(mlp, ("gate_proj", "up_proj", "down_proj")) if n in names]
-            per_layer, extra = a + m_, []
-        else:
-            per_layer = {"attention": attn, "mlp": mlp, "language": [], "attention+mlp": attn + mlp,
-                         "all-linear": attn + mlp, "all": attn + mlp}[targets]
-            extra = language if targets in ("language", "all") else []
-        return self.n_layers * sum(r * (a + b) for a, b in per_layer) + sum(r * (a + b) for a, b in extra)
+            leaves = {t.rsplit(".", 1)[-1] for t in targets}
+            per_layer = [(a, b) for name, (_, a, b) in layer.items() if name in leaves]
+            # names of other families (c_attn, fc1, ...) count as one hidden x hidden matrix each: the plan
+            # errs toward more memory, not less
+            return per_layer + [(self.hidden, self.hidden)] * len(leaves - set(layer)), []
+        roles = TARGET_PRESETS[targets]
+        per_layer = [(a, b) for role, a, b in layer.values() if role in roles]
+        once = [(self.vocab, self.hidden), (self.hidden, self.vocab)] if "language" in roles else []
+        return per_layer, once
+
+    def lora_params(self, r: int, targets: str | list[str]) -> int:
+        """LoRA A and B elements: r x (in + out) per adapted matrix."""
+        per_layer, once = self.lora_matrices(targets)
+        return self.n_layers * sum(r * (a + b) for a, b in per_layer) + sum(r * (a + b) for a, b in once)
+
+    def adapted_fraction(self, targets: str | list[str]) -> float:
+        """The share of a decoder layer's linear maps that LoRA adapts (4 of 7 for attention on Llama, 4 of 6 on
+        a GELU MLP family)."""
+        per_layer, _ = self.lora_matrices(targets)
+        return min(1.0, len(per_layer) / len(self.layer_matrices()))
 
 
 def _get(cfg: dict, *keys, default=None):

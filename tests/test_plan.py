@@ -152,3 +152,30 @@ def test_named_budget_recipes_fit_their_budget(recipe_file, model, device, budge
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / recipe_file)
     peak = predict(model_shape(model), recipe, device).peak_bytes
     assert peak <= budget_gib * 2**30, f"{recipe_file} with {model}: {peak / 2**30:.2f} GiB > {budget_gib} GiB"
+
+
+@pytest.mark.parametrize("preset", ["attention", "mlp", "attention+mlp", "all-linear"])
+def test_lora_counts_match_peft_and_the_mlp_shape(preset):
+    """One preset table: peft's trainable count on a real (random) Llama and a GELU-MLP GPT-NeoX equals the
+    planner's, and the adapted share of a layer follows the family's MLP (3 matrices gated, 2 not)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    from qtrain.methods import resolve_target_modules
+
+    configs = [LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2),
+               GPTNeoXConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4)]
+    for cfg in configs:
+        shape = shape_from_config(cfg.to_dict(), cfg.model_type)
+        model = AutoModelForCausalLM.from_config(cfg)
+        targets = resolve_target_modules(model, preset)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        if cfg.model_type == "llama":  # GPT-NeoX fuses q, k and v: Llama's names do not describe its matrices
+            assert shape.lora_params(4, preset) == trainable, cfg.model_type
+        n = len(shape.layer_matrices())
+        assert n == (7 if shape.gated_mlp else 6)
+        want = {"attention": 4, "mlp": n - 4, "attention+mlp": n, "all-linear": n}[preset] / n
+        assert shape.adapted_fraction(preset) == pytest.approx(want)
