@@ -18,6 +18,7 @@ report labels estimates; a sanity check recomputes the CPU energy as CPU seconds
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -358,8 +359,8 @@ def budget_table(models=BUDGET_MODELS, budgets=BUDGETS_GIB, device: str = "cuda"
                            predicted_peak_bytes=p.chosen.prediction.peak_bytes,
                            predicted_tokens_per_second=round(p.chosen.prediction.tokens_per_second, 1))
             except BudgetError as exc:
-                need = str(exc).split("try --budget ")[-1].split(" ")[0] if "try --budget" in str(exc) else "?"
-                row.update(method=None, needs=need)
+                need = exc.needed_bytes
+                row.update(method=None, needs=f"{math.ceil(need / 2**30 * 10) / 10:g}GB" if need else "?")
             out.append(row)
     return out
 

@@ -59,7 +59,12 @@ ALLOCATOR_RETENTION_CHECKPOINTED = 0.90
 
 
 class BudgetError(QtrainError, ValueError):
-    """Nothing fits, or the budget is malformed; the message names the smallest budget that would fit."""
+    """Nothing fits, or the budget is malformed; the message names the smallest budget that would fit, and
+    ``needed_bytes`` holds it (None when the budget itself is malformed)."""
+
+    def __init__(self, message: str, needed_bytes: int | None = None):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -329,7 +334,8 @@ def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe,
             f"budget {format_bytes(budget_bytes)} is below the smallest recipe for {shape.name} on {device}: "
             f"{r.method} r={r.lora_r} seq {r.seq_len} micro-batch {r.micro_batch_size}"
             f"{' with checkpointing' if r.gradient_checkpointing else ''} needs {format_bytes(smallest.prediction.peak_bytes)} "
-            f"predicted (+{SAFETY_MARGIN:.0%} margin); try --budget {math.ceil(need / GiB * 10) / 10:g}GB or a smaller model")
+            f"predicted (+{SAFETY_MARGIN:.0%} margin); try --budget {math.ceil(need / GiB * 10) / 10:g}GB or a smaller model",
+            needed_bytes=int(math.ceil(need)))
     chosen = fitting[0]
     r = chosen.recipe
     better = [m for m in METHOD_QUALITY if METHOD_QUALITY[m] > METHOD_QUALITY[r.method]]
