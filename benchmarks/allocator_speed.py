@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import header, git_sha  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {  # name -> recipe overrides (default model, default corpus)
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
     from qtrain.io import atomic_write_json, atomic_write_text
-    from qtrain.measure import find_jemalloc, machine_info
+    from qtrain.measure import find_jemalloc
 
     if find_jemalloc() is None:
         raise SystemExit("no libjemalloc.so.2 on this system (apt install libjemalloc2): nothing to compare")
@@ -70,10 +72,10 @@ def main() -> None:
         rows.append({"variant": name, "runs": by, "median": med,
                      "speed_ratio": med["jemalloc"]["tokens_per_second"] / med["glibc"]["tokens_per_second"],
                      "memory_ratio": med["jemalloc"]["peak_memory_bytes"] / med["glibc"]["peak_memory_bytes"]})
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_sha()
     command = "python benchmarks/allocator_speed.py" + (f" --rounds {args.rounds}" if args.rounds != 2 else "") + (
         f" --steps {args.steps}" if args.steps != 4 else "")
-    result = {"benchmark": "allocator_speed", "git": git, "machine": machine_info(), "command": command, "rows": rows}
+    result = header("allocator_speed", command=command, rows=rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "allocator_speed.json", result)
     m = result["machine"]

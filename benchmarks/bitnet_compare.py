@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_sha  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = {  # name: (recipe, overrides)
@@ -237,7 +239,7 @@ def main() -> None:
     if args.train_only:
         return
     bit_dir = Path(runs["BitNet, lambda warmup"]["dir"])
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_sha()
     result = {"benchmark": "bitnet_compare", "git": git, "steps": args.steps, "machine": machine_info(),
               "command": f"python benchmarks/bitnet_compare.py --steps {args.steps} --eval-every {args.eval_every}",
               "runs": runs, "sizes": sizes(work, bit_dir), **speeds(work, bit_dir, args.threads)}

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import git_sha  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -33,7 +35,7 @@ def main() -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
         summary = json.loads((out / "summary.json").read_text())
         curve = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_sha()
     command = " ".join(["python", "benchmarks/cpu_lora_run.py", "--recipe", args.recipe, *args.overrides])
     result = {"benchmark": name, "git": git, "command": command, "summary": summary,
               "loss_curve": [{"step": c["step"], "loss": c["loss"]} for c in curve if "loss" in c]}

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_sha  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
@@ -67,8 +69,7 @@ def main() -> None:
     import json
 
     work = Path(tempfile.mkdtemp(prefix="qtrain-eval-bench-"))
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    git = git_sha()
     if args.add_mbpp:
         result = json.loads((RESULTS / "eval_default.json").read_text())
     else:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import git_sha, write_results  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 KEYS = ("generation_seconds", "generation_tokens", "generation_tokens_per_second", "forward_tokens", "pass@1")
@@ -39,7 +41,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
-    from qtrain.io import atomic_write_json, atomic_write_text
     from qtrain.measure import machine_info
 
     work = Path(args.work)
@@ -57,8 +58,7 @@ def main() -> None:
         summary = json.loads((out / "summary.json").read_text())
         engines[engine] = {k: summary.get(k) for k in KEYS}
         print(f"[{engine}] {wall[engine]:.0f} s end to end", flush=True)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    git = git_sha()
     result = {"benchmark": "eval_speed", "machine": machine_info(), "git": git,
               "command": "python benchmarks/eval_speed.py" + (f" --limit {args.limit}" if args.limit else "")
                          + (f" --batch-size {args.batch_size}" if args.batch_size != 16 else ""),
@@ -69,8 +69,7 @@ def main() -> None:
               "speedup_end_to_end": round(wall["static"] / wall["continuous"], 2),
               "samples": identical_samples(work / "static", work / "continuous")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "eval_speed.json", result)
-    atomic_write_text(RESULTS / "eval_speed.md", render(result))
+    write_results("eval_speed", result, render(result))
     print(render(result))
 
 

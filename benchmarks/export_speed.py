@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import header  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -34,7 +36,6 @@ def main() -> None:
     from qtrain.export.gguf import export_gguf
     from qtrain.export.onnx import ExportOptions, export_onnx, render_report
     from qtrain.io import atomic_write_json
-    from qtrain.measure import machine_info
     from qtrain.recipe import load_recipe
     from qtrain.train import fit
 
@@ -64,11 +65,7 @@ def main() -> None:
                          {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
         gguf["note"] = (f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (built here from source), the "
                         "same lean greedy loop (eval one token, argmax)")
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    result = {"benchmark": "export_speed", "git": git, "machine": machine_info(), "lora_steps": args.steps,
-              "fit_seconds": round(fit_s, 1), "export_seconds": round(export_s, 1), "report": report, "gguf_q8_0": gguf,
-              "command": f"python benchmarks/export_speed.py --steps {args.steps}"}
+    result = header("export_speed", lora_steps=args.steps, fit_seconds=round(fit_s, 1), export_seconds=round(export_s, 1), report=report, gguf_q8_0=gguf, command=f"python benchmarks/export_speed.py --steps {args.steps}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "export_speed.json", result)
     print(render_report(report))

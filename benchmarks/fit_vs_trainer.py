@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_sha  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ["qtrain-lora", "trainer-lora-1x8", "trainer-lora-8x1", "qtrain-full", "trainer-full-1x8"]
@@ -131,7 +133,7 @@ def main() -> None:
             row[key] = statistics.median(r[key] for r in runs[name])
         row["tokens_per_second_runs"] = [r["tokens_per_second"] for r in runs[name]]
         rows.append(row)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_sha()
     by = {r["config"]: r for r in rows if "error" not in r}
     ratios = {}
     for method in ("lora", "full"):

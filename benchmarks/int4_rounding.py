@@ -13,9 +13,10 @@ import argparse
 import copy
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
+
+from common import git_sha  # noqa: E402 - benchmarks/common.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,7 +77,7 @@ def main() -> None:
                      "perplexity": p, "rel_change": p / base - 1, "seconds": round(seconds, 1)})
         print(f"{label}: {p:.3f} ({100 * (p / base - 1):+.1f}%)", flush=True)
         del m
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_sha()
     render({"benchmark": "int4_rounding", "git": git, "machine": machine_info(), "fp32_perplexity": base,
             "positions": int(seqs.numel() - len(seqs)), "layers": len(names), "calibration_tokens": int(calib.numel()),
             "rows": rows, "command": "python benchmarks/int4_rounding.py"})

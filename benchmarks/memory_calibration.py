@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import header, git_sha  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SUFFIX = ""  # "_jemalloc" for --allocator jemalloc
@@ -103,7 +105,7 @@ def main() -> None:
         repeat(args.repeat, args.times)
         return
     rows = []
-    git = _git()  # the code that measured, before any edit made while it runs
+    git = git_sha()  # the code that measured, before any edit made while it runs
     with tempfile.TemporaryDirectory() as d:
         tiny = str(make_tiny_model(Path(d) / "tiny-llama"))
         variants = []
@@ -119,12 +121,11 @@ def main() -> None:
     for r in rows:
         if r.get("model") and "tiny" in r["label"]:
             r["model"] = "tiny-llama"
-    from qtrain.measure import machine_info
 
-    result = {"benchmark": "memory_calibration", "git": git, "machine": machine_info(), "rows": rows,
-              "command": "python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")
-              + (f" --times {args.times}" if args.times != 3 else "")
-              + (f" --allocator {args.allocator}" if SUFFIX else ""), "allocator": args.allocator}
+    command = ("python benchmarks/memory_calibration.py" + (" --quick" if args.quick else "")
+               + (f" --times {args.times}" if args.times != 3 else "")
+               + (f" --allocator {args.allocator}" if SUFFIX else ""))
+    result = header("memory_calibration", git=git, rows=rows, command=command, allocator=args.allocator)
     render(result)
 
 
@@ -183,7 +184,7 @@ def repeat(variant: str, times: int) -> None:
     path = RESULTS / f"memory_repeats{SUFFIX}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "memory_repeats", "variants": {}}
     result["machine"] = machine_info()
-    result["variants"][variant] = {"git": _git(), "command": f"python benchmarks/memory_calibration.py --repeat "
+    result["variants"][variant] = {"git": git_sha(), "command": f"python benchmarks/memory_calibration.py --repeat "
                                    f"{variant} --times {times}" + (f" --allocator {SUFFIX[1:]}" if SUFFIX else ""),
                                    "rows": rows}
     atomic_write_json(path, result)
@@ -200,11 +201,6 @@ def repeat(variant: str, times: int) -> None:
                      f"{', '.join(f'{x:.3f}' for x in meas)} | {100 * (max(meas) / min(meas) - 1):.1f}% |")
     atomic_write_text(RESULTS / f"memory_repeats{SUFFIX}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _git() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
 
 
 TINY_CONFIG = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 256, "intermediate_size": 768,
@@ -226,7 +222,7 @@ def repredict(result: dict) -> dict:
         pred = predict(shape, recipe, "cpu", allocator=result.get("allocator", "glibc"))
         r["predicted_peak_bytes"], r["terms"] = pred.peak_bytes, pred.terms
         score(r)
-    result["git_predicted"] = _git()
+    result["git_predicted"] = git_sha()
     return result
 
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import header, write_results  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROGRAM = "def add(a, b):\n    return a + b\n"
@@ -30,6 +32,7 @@ def load_revision(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("sandbox_baseline", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -41,8 +44,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from qtrain import sandbox
-    from qtrain.io import atomic_write_json, atomic_write_text
-    from qtrain.measure import machine_info
 
     old = load_revision(args.baseline_rev)
     mode = sandbox.sandbox_mode()
@@ -56,18 +57,11 @@ def main() -> None:
             r = impl.run_program(PROGRAM, CHECKS)
             assert r.passed, f"{name}: {r.reason}"
             times[name].append(r.seconds)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
     stats = {k: {"median_ms": round(statistics.median(v) * 1e3, 1), "p90_ms": round(sorted(v)[int(0.9 * len(v))] * 1e3, 1),
                  "programs": len(v)} for k, v in times.items()}
-    result = {"benchmark": "sandbox_overhead", "machine": machine_info(), "git": git, "baseline_rev": args.baseline_rev,
-              "mode": {"baseline": old_mode, "current": mode}, "uid": __import__("os").getuid(),
-              "command": f"python benchmarks/sandbox_overhead.py --baseline-rev {args.baseline_rev} -n {args.n}",
-              "per_program": stats,
-              "ratio_median": round(stats["current"]["median_ms"] / stats["baseline"]["median_ms"], 2)}
+    result = header("sandbox_overhead", baseline_rev=args.baseline_rev, mode={"baseline": old_mode, "current": mode}, uid=__import__("os").getuid(), command=f"python benchmarks/sandbox_overhead.py --baseline-rev {args.baseline_rev} -n {args.n}", per_program=stats, ratio_median=round(stats["current"]["median_ms"] / stats["baseline"]["median_ms"], 2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "sandbox_overhead.json", result)
-    atomic_write_text(RESULTS / "sandbox_overhead.md", render(result))
+    write_results("sandbox_overhead", result, render(result))
     print(render(result))
 
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import header, write_results  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -41,8 +43,6 @@ def main() -> None:
     ap.add_argument("--baseline-rev", default="c0776e3", help="the revision whose sandbox is the baseline")
     args = ap.parse_args()
 
-    from qtrain.io import atomic_write_json, atomic_write_text
-    from qtrain.measure import machine_info
 
     samples = Path(args.eval_dir).resolve() / "samples.jsonl"
     work = Path(tempfile.mkdtemp(prefix="qtrain-verdicts-"))
@@ -57,20 +57,11 @@ def main() -> None:
     changed = [{"task_id": k[0], "sample": k[1], "baseline": old[k]["passed"], "current": new[k]["passed"],
                 "baseline_reason": old[k].get("reason"), "current_reason": new[k].get("reason")}
                for k in sorted(new) if k in old and old[k]["passed"] != new[k]["passed"]]
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    result = {"benchmark": "sandbox_verdicts", "machine": machine_info(), "git": git, "task": args.task,
-              "baseline_rev": args.baseline_rev,
-              "command": f"python benchmarks/sandbox_verdicts.py EVAL_DIR --task {args.task} "
-                         f"--baseline-rev {args.baseline_rev}",
-              "samples": len(new), "passed": {"baseline": sum(r["passed"] for r in old.values()),
-                                              "current": sum(r["passed"] for r in new.values())},
-              "seconds": {"baseline": round(old_s, 1), "current": round(new_s, 1)},
-              "statement_checks": sum(r.get("statement_checks", 0) for r in new.values()),
-              "changed": changed}
+    result = header("sandbox_verdicts", task=args.task, baseline_rev=args.baseline_rev, command=f"python benchmarks/sandbox_verdicts.py EVAL_DIR --task {args.task} "
+                         f"--baseline-rev {args.baseline_rev}", samples=len(new), passed={"baseline": sum(r["passed"] for r in old.values()),
+                                              "current": sum(r["passed"] for r in new.values())}, seconds={"baseline": round(old_s, 1), "current": round(new_s, 1)}, statement_checks=sum(r.get("statement_checks", 0) for r in new.values()), changed=changed)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "sandbox_verdicts.json", result)
-    atomic_write_text(RESULTS / "sandbox_verdicts.md", render(result))
+    write_results("sandbox_verdicts", result, render(result))
     print(render(result))
 
 

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import git_sha, write_results  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -103,8 +105,7 @@ def main() -> None:
           work / "tuned-mbpp" / "summary.json")
 
     load = lambda p: json.loads((work / p / "summary.json").read_text())  # noqa: E731
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    git = git_sha()
     result = {"benchmark": "selftrain", "machine": machine_info(), "git": git,
               "command": f"python benchmarks/selftrain.py --mbpp MBPP.jsonl -k {args.k} --rs-batch-size "
                          f"{args.rs_batch_size} --rs-max-new-tokens {args.rs_max_new_tokens}"
@@ -142,8 +143,7 @@ def main() -> None:
             "speedup": round(st["generation_seconds"] / co["generation_seconds"], 2),
             "samples": identical_samples(work / "base-humaneval-static", work / "base-humaneval")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "selftrain.json", result)
-    atomic_write_text(RESULTS / "selftrain.md", render(result))
+    write_results("selftrain", result, render(result))
     atomic_write_text(RESULTS / "selftrain-summary.md", render_summary(result))
     print(render(result))
 

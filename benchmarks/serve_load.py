@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import header  # noqa: E402 - benchmarks/common.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPTS = ["def is_prime(n):\n", "def merge_sort(items):\n", "class Stack:\n    def __init__(self):\n",
@@ -126,7 +128,6 @@ def main() -> None:
         render(json.loads((RESULTS / "serve_load.json").read_text()))
         return
     from qtrain.io import atomic_write_json
-    from qtrain.measure import machine_info
 
     per = [int(x) for x in args.requests_per_client.split(",")]
     onnx = Path(args.onnx_dir) if args.onnx_dir else Path(tempfile.mkdtemp(prefix="qtrain-serve-bench-")) / "onnx"
@@ -144,10 +145,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "serve_load", "git": git, "machine": machine_info(), "max_tokens": args.max_tokens,
-              "command": f"python benchmarks/serve_load.py --max-tokens {args.max_tokens} "
-                         f"--requests-per-client {args.requests_per_client}", "backends": backends}
+    result = header("serve_load", max_tokens=args.max_tokens, command=f"python benchmarks/serve_load.py --max-tokens {args.max_tokens} "
+                         f"--requests-per-client {args.requests_per_client}", backends=backends)
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / "serve_load.json", result)
     render(result)
