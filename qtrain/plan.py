@@ -32,7 +32,8 @@ ASSUMED_MFU = 0.5
 # project's machine with benchmarks/memory_calibration.py). CUDA: the context (kernels, cuBLAS workspace)
 # as commonly measured on consumer cards, plus allocator fragmentation as a fraction of the rest.
 # CPU: 620 MiB is what the tiny-model rows of memory_calibration leave above their terms (590-640 MiB, where the
-# terms are small); the 10% fragmentation is the least-squares share of the rest on both models (git 233977e).
+# terms are small); the 10% fragmentation is the least-squares share of the rest on both models
+# (benchmarks/results/memory_calibration.json).
 RUNTIME_BYTES = {"cpu": 620 * 2**20, "cuda": 500 * 2**20}
 FRAGMENTATION = {"cpu": 0.10, "cuda": 0.10}
 # glibc's heap keeps freed activation memory in RSS during an adapter (LoRA/QLoRA) step on a CPU: peak RSS
@@ -44,8 +45,8 @@ FRAGMENTATION = {"cpu": 0.10, "cuda": 0.10}
 # would have made, in three of the four checkpointed adapter variants (the fourth, LoRA 1x512, retained 0.31x).
 # Full fine-tuning at one micro-batch per step without checkpointing (see predict): 0.2 x the activations of
 # gradients besides the LM head's were live at the peak, fitted on the default model at 1x512, 4x256 and 4x512
-# (measured 3.30-3.38, 4.21 and 5.84-5.87 GiB; the previous model, all gradients plus retention, predicted
-# 3.64, 4.37 and 6.27).
+# (measured 3.30-3.38, 4.21 and 5.84-5.87 GiB; counting every gradient as live plus retention would predict
+# 3.64, 4.37 and 6.27, 6-10% too high).
 FULL_GRADIENT_OVERLAP = {"glibc": 0.2, "jemalloc": 0.0}
 # With jemalloc (qtrain fit's allocator when the system has it, see measure.jemalloc_exec_env) freed memory is
 # reused: no retention term, and the gradients of full fine-tuning land in freed activation memory. Its runtime

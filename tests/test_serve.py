@@ -272,7 +272,7 @@ def test_hostile_requests_are_refused_before_any_work(loaded_tiny):
     keyed = _client(loaded_tiny, api_key="k")
     r = keyed.post("/v1/completions", json=ok, headers={"host": "gpu-box.lan", "authorization": "Bearer k"})
     assert r.status_code == 200
-    # fields that used to give a 500 or be silently replaced
+    # fields that a careless server answers with a 500, or silently replaces
     chat = _client(loaded_tiny, max_tokens=8)
     cases = [({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "text"),
              ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "allows 1 to 8"),
@@ -286,7 +286,7 @@ def test_hostile_requests_are_refused_before_any_work(loaded_tiny):
 
 def test_a_non_streaming_client_that_hangs_up_cancels_its_generation(loaded_tiny):
     """Driven at the ASGI level: the body arrives, then the client disconnects; the generation must stop long
-    before max_tokens (the old http middleware hid the disconnect, so it ran to the end)."""
+    before max_tokens (an @app.middleware('http') wrapper would hide the disconnect, and it would run to the end)."""
     app = create_app(loaded_tiny, ServeConfig(model_id="tiny", max_tokens=200, max_prompt_tokens=64), threads=1)
     sched = app.state.scheduler
     sched.engine = _SlowEngine()  # a piece every 20 ms: 200 of them take 4 s unless cancelled
