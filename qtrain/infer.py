@@ -92,14 +92,11 @@ def load_for_inference(ref: str | os.PathLike | None, *, threads: int | None = N
     from qtrain.runs import is_run_dir, read_run
 
     if is_run_dir(path):
-        from qtrain.runs import load_trained
+        from qtrain.runs import load_merged, load_trained
 
-        model = load_trained(path)
-        if merge and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
+        model = load_merged(path)[0] if merge else load_trained(path).eval()
         tok = AutoTokenizer.from_pretrained(path)
         ensure_pad_token(tok)
-        model.eval()
         return Loaded(model, tok, "pytorch", str(path), {"run": read_run(path)})
     source = resolve_model_source(None if ref is None else str(ref))
     from qtrain.bitnet import is_bitnet_dir, load_packed

@@ -1,4 +1,5 @@
-"""Load what ``qtrain fit`` produced: a run directory with a PEFT adapter or a full model."""
+"""The run directory that ``qtrain fit`` writes: its marker (``run.json``), reading it, and loading the trained
+model (unmerged, or merged for inference and export)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,13 @@ def read_run(run_dir: str | Path) -> dict:
 
 
 def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """The fine-tuned model of a run: base + adapter for LoRA (embeddings resized if tokens were added), or full."""
+    """The fine-tuned model of a run as it trained, unmerged: base + adapter for LoRA and QLoRA (embeddings
+    resized if tokens were added), the packed ternary model for BitNet, or the full model.
+
+    A QLoRA adapter learned against the NF4 base, so that base is loaded in the same NF4 form and dequantized
+    to ``dtype`` (transformers' ``dequantize``), as peft documents for merging; the original full-precision
+    weights would be weights the adapter never saw.
+    """
     from transformers import AutoModelForCausalLM
 
     run_dir = Path(run_dir)
@@ -48,15 +55,51 @@ def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32):
     if (run_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(ModelSource(meta["model_source"], meta["base_model"], meta["model"]), dtype=dtype)
+        kwargs = {}
+        if meta.get("method") == "qlora":
+            from qtrain.methods import quantization_config
+            from qtrain.recipe import load_recipe
+
+            kwargs["quantization_config"] = quantization_config(load_recipe(run_dir / "recipe.yaml"), "cpu")
+        base = load_model(ModelSource(meta["model_source"], meta["base_model"], meta["model"]), dtype=dtype, **kwargs)
+        if kwargs:
+            base = base.dequantize().to(dtype)
         if base.get_input_embeddings().num_embeddings != meta["vocab_size"]:
             base.resize_token_embeddings(meta["vocab_size"])
-        return PeftModel.from_pretrained(base, run_dir)
+        try:
+            return PeftModel.from_pretrained(base, run_dir)
+        except Exception as exc:  # noqa: BLE001 - any failure to read it means the same to the user
+            raise ModelError(f"the adapter in {str(run_dir)!r} could not be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); it is corrupt or from another model. Re-run "
+                             "`qtrain fit`, or resume it from a checkpoint") from None
     if (run_dir / "config.json").is_file():
         from qtrain.bitnet import is_bitnet_dir, load_packed
 
-        if is_bitnet_dir(run_dir):  # packed ternary layers, loaded by transformers' BitNet support
-            return load_packed(run_dir)
-        return AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
+        try:
+            if is_bitnet_dir(run_dir):  # packed ternary layers, loaded by transformers' BitNet support
+                return load_packed(run_dir)
+            return AutoModelForCausalLM.from_pretrained(run_dir, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"the model in {str(run_dir)!r} could not be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}); re-run `qtrain fit` to rewrite it") from None
     raise ModelError(f"run directory {str(run_dir)!r} holds no trained model (no adapter_config.json or config.json): "
                      "the run did not finish; continue it with `qtrain fit -o DIR --resume`")
+
+
+def load_merged(run_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, info): the run's model with any adapter merged into its base (peft's ``merge_and_unload``), in
+    eval mode. ``info`` says whether there was an adapter and how far the merged logits moved on a fixed probe."""
+    model = load_trained(run_dir, dtype)
+    meta = read_run(run_dir)
+    info = {"source": str(run_dir), "adapter": False, "method": meta.get("method")}
+    if not hasattr(model, "merge_and_unload"):
+        return model.eval(), info
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    probe = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(probe).logits
+        merged = model.merge_and_unload()
+        after = merged(probe).logits
+    info.update(adapter=True, merge_max_abs_logit_diff=float((before - after).abs().max()))
+    return merged.eval(), info

@@ -64,9 +64,8 @@ class ExportOptions:
 def merged_model(ref):
     """(fp32 model with any adapter merged, tokenizer, info) for a run directory, a model dir/hub id, or None.
 
-    A LoRA adapter is merged with peft's ``merge_and_unload``. For a QLoRA run the base is first loaded in the
-    same NF4 form it was trained against and dequantized (transformers' ``dequantize``), then merged, as peft
-    documents: merging into the original fp32 weights would add the adapter to weights it never saw.
+    A run is loaded and merged by ``runs.load_merged`` (a QLoRA base in the NF4 form it trained against,
+    dequantized, then merged); anything else by ``infer.load_for_inference``.
     """
     import torch
 
@@ -87,59 +86,16 @@ def merged_model(ref):
 
     from transformers import AutoTokenizer
 
-    from qtrain.models import ModelSource, ensure_pad_token, load_model
-    from qtrain.runs import read_run
+    from qtrain.models import ModelError, ensure_pad_token
+    from qtrain.runs import load_merged
 
-    meta = read_run(path)
     tok = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tok)
-    if not (path / "adapter_config.json").is_file():
-        if not (path / "config.json").is_file():
-            raise ExportError(f"run directory {str(path)!r} holds no trained model (no adapter_config.json or "
-                              "config.json): the run did not finish; continue it with `qtrain fit -o DIR --resume`")
-        from transformers import AutoModelForCausalLM
-
-        from qtrain.bitnet import is_bitnet_dir, load_packed
-
-        try:
-            model = load_packed(path) if is_bitnet_dir(path) else \
-                AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        except Exception as exc:
-            raise ExportError(f"the model in {str(path)!r} could not be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); re-run `qtrain fit` to rewrite it") from None
-        return model.eval(), tok, {"source": str(path), "adapter": False, "method": meta.get("method")}
-
-    from peft import PeftModel
-
-    source = ModelSource(meta["model_source"], meta["base_model"], meta["model"])
-    kwargs = {}
-    if meta.get("method") == "qlora":
-        from qtrain.methods import quantization_config
-        from qtrain.recipe import load_recipe
-
-        kwargs["quantization_config"] = quantization_config(load_recipe(path / "recipe.yaml"), "cpu")
-    base = load_model(source, dtype=torch.float32, **kwargs)
-    if kwargs:
-        base = base.dequantize()
-        base.float()
-    if base.get_input_embeddings().num_embeddings != meta["vocab_size"]:
-        base.resize_token_embeddings(meta["vocab_size"])
     try:
-        model = PeftModel.from_pretrained(base, path)
-    except Exception as exc:
-        raise ExportError(f"the adapter in {str(path)!r} could not be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]}); it is corrupt or from another model. Re-run "
-                          "`qtrain fit`, or resume it from a checkpoint") from None
-    model.eval()
-    probe = torch.randint(0, min(meta["vocab_size"], base.config.vocab_size), (1, 64),
-                          generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = model(probe).logits
-        merged = model.merge_and_unload()
-        after = merged(probe).logits
-    diff = float((before - after).abs().max())
-    return merged.eval(), tok, {"source": str(path), "adapter": True, "method": meta.get("method"),
-                                "merge_max_abs_logit_diff": diff}
+        model, info = load_merged(path, torch.float32)
+    except ModelError as exc:
+        raise ExportError(str(exc)) from None
+    return model, tok, info
 
 
 # ------------------------------------------------------------------------------------------------ conversion
