@@ -4,10 +4,13 @@ model (unmerged, or merged for inference and export)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from qtrain.io import make_tmp_dir
 from qtrain.models import ModelError, ModelSource, load_model
 
 
@@ -103,3 +106,28 @@ def load_merged(run_dir: str | Path, dtype: torch.dtype = torch.float32):
         after = merged(probe).logits
     info.update(adapter=True, merge_max_abs_logit_diff=float((before - after).abs().max()))
     return merged.eval(), info
+
+
+def _move_into(tmp: Path, run_dir: Path) -> None:
+    for p in sorted(tmp.iterdir()):
+        os.replace(p, run_dir / p.name)
+    tmp.rmdir()
+
+
+def save_final(model, tokenizer, run_dir: Path, recipe) -> None:
+    """Save the trained model in Hugging Face format: a PEFT adapter, the full model, or (bitnet) the packed
+    ternary model that transformers' BitNet support loads."""
+    tmp = make_tmp_dir(run_dir / "final")
+    try:
+        if recipe.method == "bitnet":
+            from qtrain import bitnet
+
+            bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm,
+                               getattr(model.config, "rms_norm_eps", 1e-6))
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        _move_into(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

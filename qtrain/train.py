@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -24,7 +23,7 @@ import torch
 from qtrain import checkpoint as ckpt
 from qtrain.data.corpus import load_corpus
 from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
-from qtrain.io import atomic_write_json, make_tmp_dir
+from qtrain.io import atomic_write_json
 from qtrain.loss import forward_loss_sum, fused_head
 from qtrain.measure import (bound_heap_retention, current_rss_bytes, heap_allocator, lr_at, machine_info,
                             matmul_flops, mfu, peak_flops, peak_memory_bytes, tokens_per_second,
@@ -33,7 +32,7 @@ from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.plan import ASSUMED_MFU
 from qtrain.recipe import Recipe, save_recipe
-from qtrain.runs import RUN_MARKER, is_run_dir
+from qtrain.runs import RUN_MARKER, is_run_dir, save_final
 from qtrain.errors import QtrainError
 
 log = logging.getLogger(__name__)
@@ -174,31 +173,6 @@ def prepare_output_dir(output: Path, resume: bool, overwrite: bool, check_only: 
             shutil.rmtree(output)
     if not check_only:
         output.mkdir(parents=True, exist_ok=True)
-
-
-def _move_into(tmp: Path, run_dir: Path) -> None:
-    for p in sorted(tmp.iterdir()):
-        os.replace(p, run_dir / p.name)
-    tmp.rmdir()
-
-
-def save_final(model, tokenizer, run_dir: Path, recipe: Recipe) -> None:
-    """Save the trained model in Hugging Face format: a PEFT adapter, the full model, or (bitnet) the packed
-    ternary model that transformers' BitNet support loads."""
-    tmp = make_tmp_dir(run_dir / "final")
-    try:
-        if recipe.method == "bitnet":
-            from qtrain import bitnet
-
-            bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm,
-                               getattr(model.config, "rms_norm_eps", 1e-6))
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        _move_into(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- progress
