@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from qtrain.flops import recompute_flops_per_token, train_flops_per_token
 from qtrain.recipe import Recipe
 from qtrain.shapes import ModelShape
 from qtrain.errors import QtrainError
@@ -224,14 +225,12 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     full_weights = total * (4 if recipe.dtype == "float32" else 2)
     load_peak = runtime + (int(LOAD_WEIGHT_COPIES.get(heap, 2) * full_weights) if kind == "cpu" else terms["weights"])
     peak = max(train_peak, load_peak)
-    head = shape.vocab * shape.hidden
-    if recipe.method in ("lora", "qlora"):
-        flops = 4.0 * (linear + head) + 6.0 * trainable
-    else:
-        flops = 6.0 * (linear + head)
-    flops += 12.0 * shape.n_layers * shape.hidden * recipe.seq_len
+    matmul = linear + shape.vocab * shape.hidden  # the LM head is a matmul even when tied
+    adapters = recipe.method in ("lora", "qlora")
+    flops = train_flops_per_token(matmul if adapters else 0, trainable if adapters else matmul, shape.n_layers,
+                                  shape.hidden, recipe.seq_len)
     if recipe.gradient_checkpointing:
-        flops += 2.0 * linear + 4.0 * shape.n_layers * shape.hidden * recipe.seq_len  # the recomputed forward
+        flops += recompute_flops_per_token(linear, shape.n_layers, shape.hidden, recipe.seq_len)
     tps = ASSUMED_MFU * peak_flops / flops
     return Prediction(terms, peak, tps, load_peak)
 
