@@ -342,7 +342,7 @@ def load_rows(output: Path) -> list[dict]:
 
 def budget_table(models=BUDGET_MODELS, budgets=BUDGETS_GIB, device: str = "cuda", base=None) -> list[dict]:
     """What the planner picks for each model and budget (no training): the planner's answer as data."""
-    from qtrain.plan import BudgetError, model_shape, plan_recipe
+    from qtrain.plan import BudgetError, model_shape, plan_for
     from qtrain.recipe import Recipe
 
     base = base or Recipe(seq_len=2048, micro_batch_size=1, grad_accum_steps=8)
@@ -352,7 +352,7 @@ def budget_table(models=BUDGET_MODELS, budgets=BUDGETS_GIB, device: str = "cuda"
         for b in budgets:
             row = {"model": m, "params_b": round(shape.total_params() / 1e9, 2), "budget_gib": b}
             try:
-                p = plan_recipe(shape, b * 2**30, device, base)
+                p = plan_for(m, f"{b}GB", device, base)
                 c = p.chosen.recipe
                 row.update(method=c.method, gradient_checkpointing=c.gradient_checkpointing, seq_len=c.seq_len,
                            micro_batch_size=c.micro_batch_size, optimizer=c.optimizer,
@@ -611,12 +611,11 @@ def answer_budget(budget: str, model: str | None, device: str, results: list[Pat
     wall-clock training, qtrain/quality.py), those come first, best measured quality first; the rest follow in the
     planner's order, marked as planned only. Memory and speed are measured where a bench row ran the same method /
     checkpointing / sequence length / micro-batch on this kind of device."""
-    from qtrain.plan import default_budget, detect_device, format_bytes, model_shape, parse_bytes, plan_recipe
+    from qtrain.plan import format_bytes, plan_for
     from qtrain.recipe import Recipe
 
-    dev, mem = detect_device(device)
-    budget_bytes = parse_bytes(budget) if budget else default_budget(dev, mem)
-    plan = plan_recipe(model_shape(model), budget_bytes, dev, Recipe())
+    plan = plan_for(model, budget, device, Recipe())  # as `qtrain plan` ranks: same FLOP/s, same allocator
+    dev, budget_bytes = plan.device, plan.budget_bytes
     measured = []
     for d in results:
         if (Path(d) / "rows").is_dir():

@@ -13,9 +13,6 @@ from pathlib import Path
 from qtrain.errors import UsageError
 from qtrain.recipe import load_recipe
 
-# A declared (not measured) dense bf16 ceiling for throughput predictions on a GPU qtrain cannot see:
-# roughly an RTX 4090's 165 TFLOP/s halved for what training kernels reach; a prediction, labelled as such.
-CUDA_DECLARED_FLOPS = 80e12
 DEFAULT_CPU_BUDGET_TIME_S = 12 * 60  # `qtrain fit --budget 8GB` on a CPU: a first result in minutes
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -38,31 +35,9 @@ def parse_duration(text: str) -> float:
 
 
 def _plan_from_args(args, base, allocator: str | None = None):
-    from qtrain.plan import default_budget, detect_device, model_shape, parse_bytes, plan_recipe
+    from qtrain.plan import plan_for
 
-    budget = parse_bytes(args.budget) if args.budget else None
-    if args.device in ("cuda", "cpu") and budget is not None and args.device == "cuda":
-        device, memory = "cuda", None  # planning for a GPU: no need to import torch (plan answers fast)
-    else:
-        device, memory = detect_device(args.device)
-    if budget is None:
-        budget = default_budget(device, memory)
-    shape = model_shape(args.model)
-    if device == "cpu":
-        import torch
-
-        from qtrain.measure import peak_flops
-
-        flops = peak_flops(torch.device("cpu"))[0]
-    else:
-        flops = CUDA_DECLARED_FLOPS
-    if allocator == "fit":  # `qtrain plan`: predict for the allocator `qtrain fit` would run on
-        allocator = None
-        if device == "cpu":
-            from qtrain.measure import fit_allocator
-
-            allocator = fit_allocator()
-    return plan_recipe(shape, budget, device, base, flops, allocator=allocator)
+    return plan_for(args.model, args.budget, args.device, base, allocator)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

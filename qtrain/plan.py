@@ -316,6 +316,41 @@ def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora
     return out
 
 
+# A declared (not measured) dense bf16 ceiling for throughput predictions on a GPU qtrain cannot see:
+# roughly an RTX 4090's 165 TFLOP/s halved for what training kernels reach; a prediction, labelled as such.
+CUDA_DECLARED_FLOPS = 80e12
+
+
+def plan_for(model: str | None, budget: str | None, device: str, base: Recipe, allocator: str | None = "fit") -> Plan:
+    """Plan from what a user types: the one path of `qtrain plan`, `qtrain fit --budget` and `qtrain bench
+    --budget`, so they rank alike. Resolves the device and its memory, the budget (default: the device's memory
+    less a margin), the FLOP/s (measured on a CPU, declared for CUDA) and the host allocator: ``"fit"`` predicts
+    for the one `qtrain fit` would run on, None for this process's."""
+    budget_bytes = parse_bytes(budget) if budget else None
+    if device == "cuda" and budget_bytes is not None:
+        dev, memory = "cuda", None  # planning for a GPU with a budget: no need to import torch (plan answers fast)
+    else:
+        dev, memory = detect_device(device)
+    if budget_bytes is None:
+        budget_bytes = default_budget(dev, memory)
+    shape = model_shape(model)
+    if dev == "cpu":
+        import torch
+
+        from qtrain.measure import peak_flops
+
+        flops = peak_flops(torch.device("cpu"))[0]
+    else:
+        flops = CUDA_DECLARED_FLOPS
+    if allocator == "fit":
+        allocator = None
+        if dev == "cpu":
+            from qtrain.measure import fit_allocator
+
+            allocator = fit_allocator()
+    return plan_recipe(shape, budget_bytes, dev, base, flops, allocator=allocator)
+
+
 def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe, peak_flops: float = 168e9,
                 methods=("full", "lora", "qlora"), allocator: str | None = None) -> Plan:
     """Rank the candidates that fit ``budget_bytes`` (minus a safety margin) and pick one, or say why none does.
