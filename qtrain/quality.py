@@ -5,7 +5,7 @@ corpus and, where given, on self-training data (``qtrain rejection-sample``). Ev
 wall-clock time on the same data; every row is scored on the same held-out sets: MBPP test pass@1 (greedy, a fixed
 subset or all 500) with a Wilson interval and a paired interval against the untrained model, and perplexity on
 held-out code (the standard library's validation split). Memory, throughput and energy come from the same runs
-(qtrain/bench.py runs them, one process per row).
+(qtrain/bench/matrix.py runs them, one process per row).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def plot_quality(rows: list[dict], output: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qtrain.bench import _label, _save
+    from qtrain.bench.report import _label, _save
 
     trained = [r for r in rows if r.get("peak_memory_bytes")]
     base = next((r for r in rows if r["name"] == "base"), None)
