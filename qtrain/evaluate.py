@@ -247,8 +247,17 @@ class EvalOptions:
     engine: str = "auto"  # "continuous" (PyTorch models), "static" (fixed batches through generate), or auto
     unsafe_no_sandbox: bool = False  # run the programs without isolation when no sandbox passes its self-test
 
+    def __post_init__(self) -> None:
+        _check_options(self)
+
 
 def _check_options(opts: EvalOptions) -> None:
+    if opts.task not in ("humaneval", "mbpp"):
+        raise EvalError(f"--task {opts.task!r}: use humaneval or mbpp")
+    if opts.engine not in ("auto", "continuous", "static"):
+        raise EvalError(f"--engine {opts.engine!r}: use auto, continuous or static")
+    if opts.limit is not None and opts.limit < 1:
+        raise EvalError(f"--limit {opts.limit} must be positive (or left out for every problem)")
     if opts.n_samples < 1:
         raise EvalError(f"--n-samples {opts.n_samples} must be at least 1")
     if opts.n_samples > 1 and opts.temperature <= 0:

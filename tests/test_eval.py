@@ -4,6 +4,8 @@ import json
 import os
 from pathlib import Path
 
+import re
+
 import pytest
 
 from qtrain import cli
@@ -165,3 +167,12 @@ def test_eval_refuses_to_run_code_without_a_sandbox_unless_told(tmp_path, monkey
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["sandbox"]["unsafe"] and s["sandbox_mode"] in ("unshare", "plain") and s["pass@1"] == 1.0
     assert "UNSAFE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad, words", [({"task": "apps"}, "humaneval or mbpp"), ({"limit": 0}, "--limit 0"),
+                                        ({"engine": "fast"}, "auto, continuous or static"),
+                                        ({"timeout_s": float("inf")}, "--timeout inf"),
+                                        ({"n_samples": 2}, "temperature 0 gives identical samples")])
+def test_eval_options_check_themselves(bad, words):
+    with pytest.raises(EvalError, match=re.escape(words)):
+        EvalOptions(**bad)

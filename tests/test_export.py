@@ -1,6 +1,7 @@
 """Export to ONNX (fp32/int8/int4) and GGUF on a tiny random-init Llama: parity, layout, bad input, generate."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -287,3 +288,15 @@ def test_rtn_grid_is_onnxruntimes_bit_for_bit_on_bf16_weights(symmetric):
     if not symmetric:
         assert np.array_equal(unpack(zero_points.reshape(n, -1), n, k // block), zeros.numpy())
         assert zeros[0, 0] == 0
+
+
+@pytest.mark.parametrize("bad, words", [({"int4_block_size": 48}, "int4_block_size=48"),
+                                        ({"int8_accuracy_level": 7}, "int8_accuracy_level=7"),
+                                        ({"int4_method": "awq"}, "gptq or rtn"),
+                                        ({"min_agreement": {"int4": -0.1}}, "int4=-0.1"),
+                                        ({"threads": 0}, "--threads 0")])
+def test_export_options_check_themselves(bad, words):
+    from qtrain.export.onnx import ExportOptions
+
+    with pytest.raises(ExportError, match=re.escape(words)):
+        ExportOptions(**bad)

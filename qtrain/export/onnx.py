@@ -58,6 +58,27 @@ class ExportOptions:
     speed: bool = True
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, value in (("int4_block_size", self.int4_block_size), ("int8_block_size", self.int8_block_size)):
+            if value not in (16, 32, 64, 128, 256):
+                raise ExportError(f"{name}={value}: MatMulNBits takes blocks of 16, 32, 64, 128 or 256")
+        for name, value in (("int4_accuracy_level", self.int4_accuracy_level),
+                            ("int8_accuracy_level", self.int8_accuracy_level)):
+            if value not in (0, 1, 2, 3, 4):
+                raise ExportError(f"{name}={value}: use 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+        if self.int4_head_bits not in (4, 8):
+            raise ExportError(f"int4_head_bits={self.int4_head_bits}: use 4 or 8")
+        if self.int4_method not in ("gptq", "rtn"):
+            raise ExportError(f"int4_method={self.int4_method!r}: use gptq or rtn")
+        for fmt, value in self.min_agreement.items():
+            if not 0.0 <= value <= 1.0:
+                raise ExportError(f"min_agreement {fmt}={value}: give a fraction in [0, 1]")
+        for name in ("int4_calibration_sequences", "positions", "gen_tokens"):
+            if getattr(self, name) < 1:
+                raise ExportError(f"{name}={getattr(self, name)} must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ExportError(f"--threads {self.threads} must be positive")
+
 
 # ------------------------------------------------------------------------------------------- the source model
 
