@@ -47,7 +47,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     base = load_recipe(args.recipe, list(args.overrides))
     plan = _plan_from_args(args, base, allocator="fit")
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else render_plan(plan))
+    measured = None
+    if args.measure:
+        from qtrain.calibrate import measure_plan
+
+        measured = measure_plan(plan, args.model, args.data, args.measure_steps,
+                                say=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps({**plan.to_dict(), **({"measured": measured} if measured else {})}, indent=2))
+    else:
+        print(render_plan(plan))
+        if measured:
+            from qtrain.calibrate import render_measured
+
+            print(render_measured(measured))
     return 0
 
 
@@ -471,6 +484,7 @@ def _add_fit_parser(sub) -> None:
     _add_eval_args(fit, with_task=False)
     fit.set_defaults(func=cmd_fit)
 
+
 def _add_plan_parser(sub) -> None:
     plan = sub.add_parser("plan", help="predict memory per recipe and pick the one that fits a budget",
                           description="Predict peak training memory from the model config alone and pick a recipe.")
@@ -480,7 +494,13 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--device", default="auto", help="cpu, cuda or auto")
     plan.add_argument("--recipe", help="base recipe (target seq_len, effective batch, LoRA rank)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--measure", action="store_true",
+                      help="also train the pick for a few steps on this device and show measured against predicted "
+                      "(loads the real model: it must be local or downloadable)")
+    plan.add_argument("--measure-steps", type=int, default=3, help="optimizer steps for --measure (default 3)")
+    plan.add_argument("--data", help="with --measure: training data (default: the standard-library corpus)")
     plan.set_defaults(func=cmd_plan)
+
 
 def _add_export_parser(sub) -> None:
     exp = sub.add_parser("export", help="export a trained model to ONNX (fp32/int8/int4) or GGUF, with a parity report",
@@ -518,6 +538,7 @@ def _add_export_parser(sub) -> None:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing export")
     exp.set_defaults(func=cmd_export)
 
+
 def _add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text from a run, an ONNX export or any model (streamed)")
     gen.add_argument("model", nargs="?", help="run directory, ONNX export directory, model dir / hub id / .gguf; "
@@ -532,6 +553,7 @@ def _add_generate_parser(sub) -> None:
                      help="use the chat template (default: when the tokenizer has one)")
     gen.add_argument("--threads", type=int)
     gen.set_defaults(func=cmd_generate)
+
 
 def _add_bench_parser(sub) -> None:
     ben = sub.add_parser("bench", help="benchmark a matrix of recipes (memory, tokens/s, energy, loss) or answer a budget",
@@ -557,6 +579,7 @@ def _add_bench_parser(sub) -> None:
     ben.add_argument("--eval-limit", type=int, help="quality matrix: the first N MBPP test problems (default all 500)")
     ben.set_defaults(func=cmd_bench)
 
+
 def _add_serve_parser(sub) -> None:
     srv = sub.add_parser("serve", help="an OpenAI-compatible completion server and a web page to try the model",
                          description="Serve a run directory, an ONNX export or any model: POST /v1/completions, "
@@ -576,6 +599,7 @@ def _add_serve_parser(sub) -> None:
     srv.add_argument("--timeout", type=float, default=120.0, help="seconds one generation may take")
     srv.add_argument("--threads", type=int)
     srv.set_defaults(func=cmd_serve)
+
 
 def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="pass@k on HumanEval / MBPP with generated code run in a sandbox",

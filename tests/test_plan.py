@@ -182,3 +182,18 @@ def test_lora_counts_match_peft_and_the_mlp_shape(preset):
         assert n == (7 if shape.gated_mlp else 6)
         want = {"attention": 4, "mlp": n - 4, "attention+mlp": n, "all-linear": n}[preset] / n
         assert shape.adapted_fraction(preset) == pytest.approx(want)
+
+
+def test_plan_measure_trains_the_pick_and_sets_measured_beside_predicted(tiny_model_dir, code_dir):
+    """`qtrain plan --measure` on a CPU: the pick runs in a fresh `qtrain fit` process; the JSON carries both."""
+    proc = subprocess.run([sys.executable, "-m", "qtrain", "plan", "--model", str(tiny_model_dir), "--device", "cpu",
+                           "--budget", "4GB", "--measure", "--measure-steps", "2", "--data", str(code_dir), "--json",
+                           "seq_len=64", "micro_batch_size=2", "grad_accum_steps=1", "lora_r=4"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    (row,) = out["measured"]
+    assert row["method"] == out["chosen"]["method"] and row["steps"] == 2
+    assert row["measured_peak_bytes"] > 100 * 2**20 and row["measured_tokens_per_second"] > 0
+    assert row["peak_error"] == pytest.approx(row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1, abs=1e-3)
+    assert "measuring the pick on cpu" in proc.stderr
