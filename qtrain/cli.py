@@ -251,9 +251,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.report:
         rows = bench.load_rows(Path(args.report))
         if rows and rows[0].get("matrix") == "quality":
-            from qtrain.quality import render_quality
+            from qtrain.quality import command_of, render_quality
 
-            print(render_quality(rows, Path(args.report), "qtrain bench --matrix quality (see rows/*.json)"))
+            print(render_quality(rows, Path(args.report), command_of(rows)))
             return 0
         print(bench.render_report(rows, Path(args.report), f"qtrain bench: {Path(rows[0]['matrix']).stem if rows else '?'} matrix",
                                   f"qtrain bench --matrix {rows[0]['matrix'] if rows else '?'} --steps "

@@ -88,19 +88,41 @@ def render_quality(rows: list[dict], output: Path, command: str) -> str:
 
 
 def render_summary(rows: list[dict], command: str) -> str:
-    """The few numbers a user picks a recipe by, one line per trained row (for the README)."""
+    """The few numbers a user picks a recipe by, one line per trained row, with the intervals (for the README)."""
     trained = [r for r in rows if r.get("steps") and r.get("quality")]
     base = next((r for r in rows if r["name"] == "base" and r.get("quality")), None)
+    paired = paired_against_base(rows)
+    problems = (base or (trained[0] if trained else {})).get("quality", {}).get("problems", "?")
     lines = [f"# Recipes on the default model at equal wall-clock ({_minutes(rows)} each; `{command}`)", "",
-             "| recipe | data | peak memory (GiB) | tokens/s | held-out perplexity | MBPP pass@1 |", "|---|---|---|---|---|---|"]
+             f"MBPP pass@1 on {problems} test problems, greedy, with its Wilson 95% interval; the difference against the "
+             "untrained model with its paired bootstrap 95% interval.", "",
+             "| recipe | data | steps | peak memory (GiB) | tokens/s | held-out perplexity | MBPP pass@1 (95% CI) | "
+             "vs untrained (paired 95% CI) |", "|---|---|---|---|---|---|---|---|"]
+
+    def score(q: dict) -> str:
+        return f"{q['pass@1']:.1%} ({q['wilson95'][0]:.1%}-{q['wilson95'][1]:.1%})"
+
     if base:
         q = base["quality"]
-        lines.append(f"| untrained | - | - | - | {q['val_perplexity']:.2f} | {q['pass@1']:.1%} |")
+        lines.append(f"| untrained | - | 0 | - | - | {q['val_perplexity']:.2f} | {score(q)} | - |")
     for r in trained:
-        q = r["quality"]
-        lines.append(f"| {r['method']} | {r['name'].split('+', 1)[-1]} | {r['peak_memory_bytes'] / 2**30:.2f} | "
-                     f"{r['tokens_per_second']:.0f} | {q['val_perplexity']:.2f} | {q['pass@1']:.1%} |")
+        q, p = r["quality"], paired.get(r["name"], {})
+        diff = (f"{p['difference']:+.1%} ({p['ci_low']:+.1%} to {p['ci_high']:+.1%})" if "difference" in p
+                else p.get("error", "-"))
+        lines.append(f"| {r['method']} | {r['name'].split('+', 1)[-1]} | {r['steps']} | "
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['tokens_per_second']:.0f} | {q['val_perplexity']:.2f} | "
+                     f"{score(q)} | {diff} |")
     return "\n".join(lines) + "\n"
+
+
+def command_of(rows: list[dict]) -> str:
+    """The `qtrain bench` command that made these quality rows (for a report redrawn from them)."""
+    times = sorted({r["time_s"] for r in rows if r.get("time_s")})
+    limit = next((r["quality"]["problems"] for r in rows if r.get("quality")), None)
+    selftrain = any(r["name"].endswith("+selftrain") for r in rows)
+    return ("qtrain bench --matrix quality" + (f" --time {times[0] / 60:g}m" if len(times) == 1 else "")
+            + " --eval-data MBPP.jsonl" + (f" --eval-limit {limit}" if limit and limit != 500 else "")
+            + (" --sft-data SELFTRAIN.jsonl" if selftrain else ""))
 
 
 def _minutes(rows: list[dict]) -> str:
