@@ -607,7 +607,9 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("model", nargs="?", help="run directory, ONNX export, model dir / hub id / .gguf; default: embedded")
     _add_eval_args(ev)
     ev.add_argument("--data", help="MBPP: the original mbpp.jsonl; HumanEval: another HumanEval.jsonl(.gz)")
-    ev.add_argument("--samples", help="score completions from this JSONL (task_id, completion) instead of generating")
+    ev.add_argument("--samples", help="score completions from this JSONL (task_id, completion) instead of generating; "
+                    "scored as chat answers or completions as their prompting field or the summary.json beside "
+                    "them says (else completions), unless --chat / --no-chat")
     ev.add_argument("--compare", nargs="+", metavar="SUMMARY", help="print these summary.json files side by side")
     ev.add_argument("-o", "--output", help="output directory (default: runs/eval-TASK-TIMESTAMP)")
     ev.set_defaults(func=cmd_eval)

