@@ -20,6 +20,12 @@ def recompute_flops_per_token(layer_params: int, n_layers: int, hidden: int, seq
     return 2.0 * layer_params + 4.0 * n_layers * hidden * seq_len
 
 
+def forward_flops_per_token(matmul_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """One forward pass without gradients (a distillation teacher's): 2 FLOPs per matmul weight, plus
+    attention's 4 * layers * hidden * seq_len. Counted in the training step's model FLOPs when a teacher runs."""
+    return 2.0 * matmul_params + 4.0 * n_layers * hidden * seq_len
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (measured) FLOP/s."""
     return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0

@@ -12,11 +12,15 @@ We write our own because neither transformers nor peft ship one for CPU; Liger's
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 IGNORE = -100
+# rows of logits per chunk in the distillation loss: it holds about six [rows, vocab] fp32 tensors at once
+# (student and teacher log-probabilities, their softmaxes, the gradient), against three for cross-entropy
+DISTILL_CHUNK_ROWS = 128
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -122,11 +126,40 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+@dataclass
+class Teacher:
+    """The frozen model a student distils from (``Recipe.distill_*``): its forward runs without gradients, and
+    ``head`` is its fusable LM head (None: its full logits are computed)."""
+
+    model: nn.Module
+    weight: float
+    temperature: float
+    head: nn.Linear | None = None
+
+
 def forward_loss_sum(net: nn.Module, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     head: nn.Linear | None) -> torch.Tensor:
-    """Summed next-token loss of a batch; ``net`` may be a DDP wrapper of ``model`` (always called through it)."""
-    if head is None:
-        return causal_lm_loss_sum(net(input_ids=input_ids, use_cache=False).logits, labels)
+                     head: nn.Linear | None, teacher: Teacher | None = None) -> torch.Tensor:
+    """Summed next-token loss of a batch; ``net`` may be a DDP wrapper of ``model`` (always called through it).
+    With a ``teacher``, the distillation objective instead (see :func:`distill_loss_sum`)."""
+    fused = head is not None and (teacher is None or teacher.head is not None)
+    if not fused:
+        logits = net(input_ids=input_ids, use_cache=False).logits
+        if teacher is None:
+            return causal_lm_loss_sum(logits, labels)
+        with torch.no_grad():
+            teacher_logits = teacher.model(input_ids=input_ids, use_cache=False).logits
+        return distill_loss_sum(logits, teacher_logits, labels, teacher.weight, teacher.temperature)
+    hidden = _decoder_output(net, model, input_ids)
+    if teacher is None:
+        return fused_linear_cross_entropy(hidden, head.weight, labels)
+    with torch.no_grad():
+        teacher_hidden = _decoder_output(teacher.model, teacher.model, input_ids)
+    return fused_linear_distill(hidden, head.weight, teacher_hidden, teacher.head.weight, labels, teacher.weight,
+                                teacher.temperature)
+
+
+def _decoder_output(net: nn.Module, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H], with the LM head run for one position only."""
     captured = {}
 
     def grab(module, args, output):
@@ -135,8 +168,114 @@ def forward_loss_sum(net: nn.Module, model: nn.Module, input_ids: torch.Tensor, 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hook = base.get_decoder().register_forward_hook(grab)
     try:
-        # logits for one position only; the loss is computed from the decoder's output below
         net(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
-    return fused_linear_cross_entropy(captured["h"], head.weight, labels)
+    return captured["h"]
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+def distill_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
+                     temperature: float) -> torch.Tensor:
+    """Sum over target tokens of ``(1 - weight) * CE + weight * T^2 * KL(p_teacher,T || p_student,T)``
+    (Hinton et al. 2015: T^2 keeps the soft term's gradient scale independent of T). Positions whose label is
+    ignored (prompt, padding) carry neither term. The reference form, on full logits; the fused one below
+    computes the same without them."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.reshape(-1, logits.size(-1)).to(acc)
+    t = teacher_logits.reshape(-1, teacher_logits.size(-1)).to(acc)
+    y = shift_labels(labels).reshape(-1)
+    valid = y != IGNORE
+    ce = torch.nn.functional.cross_entropy(z, y, ignore_index=IGNORE, reduction="none")
+    kl = torch.nn.functional.kl_div(torch.log_softmax(z / temperature, -1), torch.log_softmax(t / temperature, -1),
+                                    log_target=True, reduction="none").sum(-1)
+    return (((1 - weight) * ce + weight * temperature ** 2 * kl) * valid).sum()
+
+
+def _distill_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, weight: float,
+                   temperature: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(summed objective, d objective / d logits or None) for one chunk of rows; both logits fp32 [n, V]."""
+    rows = torch.arange(len(y), device=y.device)
+    valid = y != IGNORE
+    y0 = y.clamp_min(0)
+    log_p = torch.log_softmax(logits, -1)
+    log_p_t = log_p if temperature == 1 else torch.log_softmax(logits / temperature, -1)
+    log_q_t = torch.log_softmax(teacher_logits.div_(temperature), -1)
+    del teacher_logits
+    q_t = log_q_t.exp()
+    kl = (q_t * (log_q_t - log_p_t)).sum(-1)
+    del log_q_t
+    ce = -log_p[rows, y0]
+    total = (((1 - weight) * ce + weight * temperature ** 2 * kl) * valid).sum()
+    if not need_grad:
+        return total, None
+    # d/dz [(1-w) CE + w T^2 KL] = (1-w) (softmax(z) - onehot) + w T (softmax(z/T) - softmax(t/T))
+    soft = None if temperature == 1 else log_p_t.exp_()  # log_p_t is log_p itself at T = 1
+    grad = log_p.exp_()  # softmax(z), in place: CE and KL are already summed
+    if soft is None:
+        grad.sub_(q_t, alpha=weight)
+    else:
+        grad.mul_(1 - weight).add_(soft.sub_(q_t), alpha=weight * temperature)
+    grad[rows, y0] -= 1 - weight
+    if not bool(valid.all()):
+        grad[~valid] = 0.0
+    return total, grad
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """The distillation objective from the student's and the teacher's last hidden states, chunk by chunk, so
+    neither model's [tokens, vocab] logits exist whole; the gradient is computed in the same pass (as in
+    :class:`_FusedLinearCrossEntropy`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, alpha, temperature, chunk_rows):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[s:s + chunk_rows]
+            logits = (h @ weight.t()).to(acc)
+            teacher_logits = (teacher_hidden[s:s + chunk_rows] @ teacher_weight.t()).to(acc)
+            part, grad = _distill_chunk(logits, teacher_logits, targets[s:s + chunk_rows], alpha, temperature,
+                                        need_h or need_w)
+            total += part
+            if grad is not None:
+                grad = grad.to(hidden.dtype)
+                if need_h:
+                    grad_h[s:s + chunk_rows] = grad @ weight
+                if need_w:
+                    grad_w.addmm_(grad.t().to(acc), h.to(acc))
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def fused_linear_distill(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float,
+                         chunk_rows: int = DISTILL_CHUNK_ROWS) -> torch.Tensor:
+    """:func:`distill_loss_sum` of ``hidden @ weight.T`` against ``teacher_hidden @ teacher_weight.T``."""
+    targets = shift_labels(labels).reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    teacher_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        with torch.no_grad():
+            acc = torch.promote_types(hidden.dtype, torch.float32)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            for s in range(0, flat.shape[0], chunk_rows):
+                total += _distill_chunk((flat[s:s + chunk_rows] @ weight.t()).to(acc),
+                                        (teacher_flat[s:s + chunk_rows] @ teacher_weight.t()).to(acc),
+                                        targets[s:s + chunk_rows], alpha, temperature, False)[0]
+            return total
+    return _FusedLinearDistill.apply(flat, weight, teacher_flat, teacher_weight.detach(), targets, alpha,
+                                     temperature, chunk_rows)

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from qtrain.flops import recompute_flops_per_token, train_flops_per_token
+from qtrain.flops import forward_flops_per_token, recompute_flops_per_token, train_flops_per_token
 from qtrain.recipe import Recipe
 from qtrain.shapes import ModelShape
 from qtrain.errors import QtrainError
@@ -23,7 +23,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes NF4 with double quantisation: 4 bits per weight, one int8 absmax per 64-weight block,
 # and one fp32 scale per 256 absmax values (Dettmers et al. 2023, QLoRA sec. 3).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# qtrain/loss.py's chunk sizes (repeated here so that planning imports no torch; tests/test_plan.py checks them)
 FUSED_CE_CHUNK_ROWS = 256
+DISTILL_CHUNK_ROWS = 128
 # MFU assumed when throughput must be predicted before measuring: LoRA and full fine-tuning measured
 # 0.47-0.68 on a 2-core CPU (benchmarks/results/fit_vs_trainer.md); the planner and fit --time use it.
 ASSUMED_MFU = 0.5
@@ -176,12 +178,20 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         terms["activations"] = shape.n_layers * one_layer
     # while a layer runs backward, its activation gradients live beside the saved tensors
     terms["backward_workspace"] = one_layer
+    distill = recipe.distill_weight > 0
     if recipe.fused_cross_entropy:
-        rows = min(tokens, FUSED_CE_CHUNK_ROWS)
-        terms["logits_and_loss"] = rows * shape.vocab * 4 * 2 + tokens * shape.hidden * 4 * 2
+        # distillation holds about six chunk-sized tensors (both models' log-probabilities, their softmaxes,
+        # the gradient) in smaller chunks; cross-entropy two
+        rows, copies = (min(tokens, DISTILL_CHUNK_ROWS), 6) if distill else (min(tokens, FUSED_CE_CHUNK_ROWS), 2)
+        terms["logits_and_loss"] = rows * shape.vocab * 4 * copies + tokens * shape.hidden * 4 * 2
     else:
-        # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32
-        terms["logits_and_loss"] = tokens * shape.vocab * 4 * 3
+        # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32 (and the teacher's two)
+        terms["logits_and_loss"] = tokens * shape.vocab * 4 * (5 if distill else 3)
+    if distill:
+        teacher_b = DTYPE_BYTES[recipe.distill_teacher_dtype]
+        terms["teacher_weights"] = shape.total_params() * teacher_b
+        # its forward keeps no activations: one layer's tensors in flight, and its last hidden states
+        terms["teacher_forward"] = tokens * (shape.hidden * 4 + (2 * shape.hidden + 2 * shape.intermediate) * teacher_b)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     heap = host_heap(allocator) if kind == "cpu" else "device"
     # Full fine-tuning, one micro-batch per step, no checkpointing: backward frees each layer's saved tensors as
@@ -229,6 +239,8 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     adapters = recipe.method in ("lora", "qlora")
     flops = train_flops_per_token(matmul if adapters else 0, trainable if adapters else matmul, shape.n_layers,
                                   shape.hidden, recipe.seq_len)
+    if distill:  # model FLOPs of the objective, as the training loop counts them
+        flops += forward_flops_per_token(matmul, shape.n_layers, shape.hidden, recipe.seq_len)
     if recipe.gradient_checkpointing:
         flops += recompute_flops_per_token(linear, shape.n_layers, shape.hidden, recipe.seq_len)
     tps = ASSUMED_MFU * peak_flops / flops

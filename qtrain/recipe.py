@@ -96,6 +96,13 @@ class Recipe:
     # ternary layer's activation quantisation
     bitnet_warmup_steps: int = 0
     bitnet_rms_norm: bool = False
+    # Knowledge distillation from the model as it was before training (the frozen teacher): the objective is
+    # (1 - distill_weight) * cross-entropy + distill_weight * T^2 * KL(teacher || student) at temperature
+    # T = distill_temperature, per target token (qtrain/loss.py). 0 = off. The teacher costs its weights in
+    # distill_teacher_dtype and one forward pass per micro-batch (about a third of a full fine-tuning step).
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_teacher_dtype: Dtype = "float32"
     # bookkeeping
     log_every: int = 1
     eval_every: int = 0
@@ -113,7 +120,7 @@ class Recipe:
                 raise RecipeError(f"recipe key '{key}' must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise RecipeError(f"recipe key 'val_fraction' must be between 0 and 1 (exclusive), got {self.val_fraction!r}")
-        for key in ("fim_rate", "lora_dropout", "min_lr_ratio"):
+        for key in ("fim_rate", "lora_dropout", "min_lr_ratio", "distill_weight"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise RecipeError(f"recipe key '{key}' must be between 0 and 1, got {getattr(self, key)!r}")
         if not 0.0 < self.near_dup_threshold <= 1.0:
@@ -124,6 +131,12 @@ class Recipe:
         bad = [k for k in floats if not math.isfinite(getattr(self, k))]
         if bad:
             raise RecipeError(f"recipe key '{bad[0]}' must be a finite number, got {getattr(self, bad[0])!r}")
+        if not self.distill_temperature > 0:
+            raise RecipeError(f"recipe key 'distill_temperature' must be > 0, got {self.distill_temperature!r}")
+        if self.distill_weight > 0 and self.method != "bitnet":
+            raise RecipeError(f"recipe key 'distill_weight' is {self.distill_weight!r} with method={self.method}: "
+                              "distillation from the model before training is for method=bitnet (the teacher is "
+                              "the full-precision model); set distill_weight=0 or method=bitnet")
         if self.min_file_bytes >= self.max_file_bytes:
             raise RecipeError(
                 f"recipe key 'min_file_bytes' ({self.min_file_bytes}) must be below 'max_file_bytes' ({self.max_file_bytes})")

@@ -23,8 +23,9 @@ import torch
 from qtrain import checkpoint as ckpt
 from qtrain.data.corpus import load_corpus
 from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
+from qtrain.flops import forward_flops_per_token
 from qtrain.io import atomic_write_json
-from qtrain.loss import forward_loss_sum, fused_head
+from qtrain.loss import Teacher, forward_loss_sum, fused_head
 from qtrain.measure import (bound_heap_retention, current_rss_bytes, heap_allocator, lr_at, machine_info,
                             matmul_flops, mfu, peak_flops, peak_memory_bytes, tokens_per_second,
                             train_flops_per_token, trim_heap)
@@ -317,7 +318,8 @@ class _Training:
     batch shape, horizon) lives here as attributes, and each phase is a method, so ``fit`` reads top to bottom."""
 
     def __init__(self, recipe: Recipe, net, source: ModelSource, tokenizer, packed: PackedData, accelerator,
-                 run_dir: Path, t_start: float, time_limit_s: float | None, memory_limit_bytes: int | None):
+                 run_dir: Path, t_start: float, time_limit_s: float | None, memory_limit_bytes: int | None,
+                 teacher_model=None):
         self.recipe, self.source, self.tokenizer, self.packed = recipe, source, tokenizer, packed
         self.accelerator, self.run_dir, self.t_start = accelerator, run_dir, t_start
         self.time_limit_s, self.memory_limit_bytes = time_limit_s, memory_limit_bytes
@@ -330,6 +332,12 @@ class _Training:
         n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
         self.flops_tok = train_flops_per_token(frozen_mm, trainable_mm, n_layers, hidden, recipe.seq_len)
+        self.teacher: Teacher | None = None
+        if teacher_model is not None:
+            self.teacher = Teacher(teacher_model, recipe.distill_weight, recipe.distill_temperature,
+                                   fused_head(teacher_model) if recipe.fused_cross_entropy else None)
+            self.flops_tok += forward_flops_per_token(sum(matmul_flops(teacher_model)), n_layers, hidden,
+                                                      recipe.seq_len)
         self.ceiling, self.ceiling_how = peak_flops(self.device)
         self.tokens_per_step = recipe.effective_batch_size * self.world * recipe.seq_len
         self.say(f"model: {source.name} ({source.kind}), method {recipe.method}: {self.trainable:,} trainable of "
@@ -513,7 +521,8 @@ class _Training:
             for micro, (x, y) in enumerate(batches):
                 last = micro == shape.accum - 1
                 with contextlib.nullcontext() if last or self.world == 1 else accel.no_sync(self.net):
-                    loss = forward_loss_sum(self.net, self.unwrapped, x.to(device), y.to(device), self.head)
+                    loss = forward_loss_sum(self.net, self.unwrapped, x.to(device), y.to(device), self.head,
+                                            self.teacher)
                     accel.backward(loss * scale)
                 loss_sum += loss.detach().double()
                 del loss
@@ -630,6 +639,9 @@ class _Training:
             "memory_limit_bytes": self.memory_limit_bytes, "backoffs": self.shape.history,
             "micro_batch_size_final": self.shape.micro_batch, "grad_accum_steps_final": self.shape.accum,
             "world_size": self.world, "device": str(self.device), "machine": machine_info(), "versions": _versions(),
+            # with a teacher the logged training loss is the distillation objective; validation is cross-entropy
+            "distill": ({"weight": recipe.distill_weight, "temperature": recipe.distill_temperature,
+                         "teacher_dtype": recipe.distill_teacher_dtype} if self.teacher else None),
             "data": {k: rep[k] for k in ("source", "format", "instruction_template", "kept", "dropped",
                                          "train_sequences", "val_sequences") if k in rep},
             **(extra or {}),
@@ -672,13 +684,13 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                         f"{rep['dropped_total']} dropped {rep['dropped']}; {rep['train_docs']} train / {rep['val_docs']} "
                         f"val documents -> {rep['train_sequences']} x {recipe.seq_len} training tokens, "
                         f"{rep['val_sequences']} validation sequences")
-    net = _load_prepared_model(recipe, source, tokenizer, packed, accelerator)
+    net, teacher = _load_prepared_model(recipe, source, tokenizer, packed, accelerator)
     if accelerator.is_main_process:  # model and data loaded fine: only now may --overwrite clear the old run
         prepare_output_dir(run_dir, resume, overwrite)
     accelerator.wait_for_everyone()
 
     run = _Training(recipe, net, source, tokenizer, packed, accelerator, run_dir, t_start, time_limit_s,
-                    memory_limit_bytes)
+                    memory_limit_bytes, teacher)
     if resume:
         run.resume()
     run.write_run_files()
@@ -688,7 +700,8 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
 
 
 def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed: PackedData, accelerator):
-    """The base model in the recipe's dtype (and quantization), with FIM tokens added and the method applied."""
+    """The base model in the recipe's dtype (and quantization), with FIM tokens added and the method applied;
+    and the distillation teacher (a frozen copy from before the method was applied), or None."""
     device = accelerator.device
     qconf = quantization_config(recipe, device.type)
     net = load_model(source, dtype=getattr(torch, recipe.dtype),
@@ -696,7 +709,15 @@ def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed:
     if packed.new_token_ids:
         net.resize_token_embeddings(len(tokenizer))
         _print(accelerator, f"added FIM tokens {packed.new_token_ids} to the tokenizer and resized the embeddings")
-    return prepare_model(net, recipe, packed.new_token_ids)
+    teacher = None
+    if recipe.distill_weight > 0:
+        import copy
+
+        teacher = copy.deepcopy(net).to(device=device, dtype=getattr(torch, recipe.distill_teacher_dtype)).eval()
+        teacher.requires_grad_(False)
+        _print(accelerator, f"distillation: teacher is the model before training ({recipe.distill_teacher_dtype}), "
+                            f"weight {recipe.distill_weight:g}, temperature {recipe.distill_temperature:g}")
+    return prepare_model(net, recipe, packed.new_token_ids), teacher
 
 
 def make_optimizer(groups, recipe: Recipe, device: torch.device):

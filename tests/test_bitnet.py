@@ -152,6 +152,32 @@ def test_bitnet_fit_checkpoint_resume_and_load(tmp_path, tiny_model_dir, code_di
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_distillation_starts_from_a_teacher_equal_to_the_student(tmp_path, tiny_model_dir, code_dir, fused):
+    """At quantisation strength 0 the student is the model before conversion, which is the teacher: the KL term
+    is zero, so with distill_weight=1 the first step's objective is 0 (and not 0 once the student is ternary)."""
+    recipe = load_recipe(None, TINY + ["max_steps=4", "bitnet_warmup_steps=2", "save_every=0", "distill_weight=1.0",
+                                       "distill_temperature=2.0", f"fused_cross_entropy={str(fused).lower()}"])
+    summary = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # (a random-init model's outputs are near uniform either way, so the ternary student's KL is small too)
+    assert lines[0]["bitnet_strength"] == 0.0 and lines[0]["loss"] == 0.0 and lines[0]["grad_norm"] < 1e-6
+    assert lines[-1]["bitnet_strength"] == 1.0 and lines[-1]["loss"] > 5e-5 and lines[-1]["grad_norm"] > 1e-3
+    assert summary["distill"] == {"weight": 1.0, "temperature": 2.0, "teacher_dtype": "float32"}
+    # validation is plain cross-entropy of the ternary model (the objective's value is not a perplexity)
+    assert summary["val_perplexity_after"] > 1.0
+
+
+def test_distillation_is_refused_outside_bitnet():
+    from qtrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="distill_weight.*method=lora"):
+        load_recipe(None, ["method=lora", "distill_weight=0.5"])
+    for bad in ("distill_weight=1.5", "distill_temperature=0", "distill_temperature=nan"):
+        with pytest.raises(RecipeError, match=bad.split("=")[0]):
+            load_recipe(None, ["method=bitnet", bad])
+
+
 @pytest.fixture(scope="module")
 def ternary_dir(tmp_path_factory, code_dir):
     """A 1-layer BitNet model saved packed; hidden 256 so q/k/v/o/gate/up rows are one TQ block each."""

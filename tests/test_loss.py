@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qtrain.loss import IGNORE, causal_lm_loss_sum, fused_head, fused_linear_cross_entropy
+from qtrain.loss import (IGNORE, causal_lm_loss_sum, distill_loss_sum, fused_head, fused_linear_cross_entropy,
+                         fused_linear_distill)
 
 
 @pytest.mark.parametrize("chunk", [3, 7, 64])
@@ -23,6 +24,39 @@ def test_fused_loss_and_grads_match_the_logits_path(chunk, train_weight):
     with torch.no_grad():
         torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, labels, chunk), ref.float(),
                                    check_dtype=False)
+
+
+@pytest.mark.parametrize("alpha,temperature", [(0.0, 1.0), (0.5, 1.0), (0.7, 2.0), (1.0, 0.5)])
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_fused_distillation_matches_the_reference_objective(alpha, temperature, chunk):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t_hidden = torch.randn(2, 9, 16, dtype=torch.float64)
+    t_weight = torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[1, :3] = IGNORE
+    ref = distill_loss_sum(hidden @ weight.t(), t_hidden @ t_weight.t(), labels, alpha, temperature)
+    ref_grads = torch.autograd.grad(ref * 0.37, [hidden, weight])
+    out = fused_linear_distill(hidden, weight, t_hidden, t_weight, labels, alpha, temperature, chunk_rows=chunk)
+    grads = torch.autograd.grad(out * 0.37, [hidden, weight])
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_distill(hidden, weight, t_hidden, t_weight, labels, alpha,
+                                                        temperature, chunk), ref)
+    if alpha == 0:  # no teacher term: plain cross-entropy
+        torch.testing.assert_close(ref, causal_lm_loss_sum(hidden @ weight.t(), labels))
+
+
+def test_distillation_term_is_zero_against_itself_and_positive_otherwise():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 6, 20, dtype=torch.float64)
+    labels = torch.randint(0, 20, (1, 6))
+    for temperature in (1.0, 3.0):
+        assert float(distill_loss_sum(logits, logits, labels, 1.0, temperature)) == pytest.approx(0, abs=1e-12)
+        assert float(distill_loss_sum(logits, logits.flip(-1), labels, 1.0, temperature)) > 0.1
 
 
 def test_causal_loss_matches_transformers(tiny_model_dir):

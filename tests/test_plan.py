@@ -197,3 +197,22 @@ def test_plan_measure_trains_the_pick_and_sets_measured_beside_predicted(tiny_mo
     assert row["measured_peak_bytes"] > 100 * 2**20 and row["measured_tokens_per_second"] > 0
     assert row["peak_error"] == pytest.approx(row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1, abs=1e-3)
     assert "measuring the pick on cpu" in proc.stderr
+
+
+def test_the_planner_knows_the_distillation_teacher():
+    import inspect
+
+    from qtrain import loss
+    from qtrain.plan import DISTILL_CHUNK_ROWS, FUSED_CE_CHUNK_ROWS, model_shape, predict
+    from qtrain.recipe import Recipe
+
+    assert DISTILL_CHUNK_ROWS == loss.DISTILL_CHUNK_ROWS
+    assert FUSED_CE_CHUNK_ROWS == inspect.signature(loss.fused_linear_cross_entropy).parameters["chunk_rows"].default
+    s = model_shape(None)
+    plain = predict(s, Recipe(method="bitnet", seq_len=512), "cpu")
+    fp32 = predict(s, Recipe(method="bitnet", seq_len=512, distill_weight=0.5), "cpu")
+    bf16 = predict(s, Recipe(method="bitnet", seq_len=512, distill_weight=0.5, distill_teacher_dtype="bfloat16"), "cpu")
+    assert fp32.terms["teacher_weights"] == s.total_params() * 4 == 2 * bf16.terms["teacher_weights"]
+    assert "teacher_weights" not in plain.terms and fp32.peak_bytes > bf16.peak_bytes > plain.peak_bytes
+    # one more forward pass per token: slower by about a third of a full step
+    assert 1.2 < plain.tokens_per_second / fp32.tokens_per_second < 1.45
