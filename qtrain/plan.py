@@ -322,8 +322,9 @@ def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora
                         values = {**base.to_dict(), **METHOD_DEFAULTS[method], "method": method,
                                   "gradient_checkpointing": gc, "seq_len": seq, "micro_batch_size": mb,
                                   "grad_accum_steps": max(1, math.ceil(effective / mb)), "optimizer": opt,
-                                  "dtype": dtype,
-                                  "name": f"planned-{method}"}
+                                  "dtype": dtype, "name": f"planned-{method}",
+                                  # a teacher is BitNet's alone (Recipe refuses it elsewhere)
+                                  **({} if method == "bitnet" else {"distill_weight": 0.0})}
                         out.append(Recipe(**values))
     return out
 

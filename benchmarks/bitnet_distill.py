@@ -1,0 +1,202 @@
+"""BitNet b1.58 at equal wall-clock: full fine-tuning, LoRA, BitNet without and with distillation from the
+full-precision model, on the default model and the same data and seed, each through `qtrain fit --time` in its
+own process, one after the other. Validation perplexity (held-out standard-library code; BitNet always fully
+ternary) is logged every few steps for the curves. Then the distilled run's packed directory is loaded back through
+transformers' BitLinear and scored on the same split, which states what the bf16 embeddings change.
+
+    python benchmarks/bitnet_distill.py [--minutes 60] [--eval-every 4] [--keep DIR] [--render-only]
+
+Writes benchmarks/results/bitnet_distill.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, ROOT, header, write_results  # noqa: E402 - benchmarks/common.py, beside this script
+
+BASE_PPL_GOAL_FACTOR = 3  # the issue's goal: the ternary model within 3x the base model's perplexity
+RUNS = {  # name: (recipe, overrides)
+    "full fp32": ("cpu-full.yaml", []),
+    "LoRA r16": ("cpu-lora.yaml", []),
+    "BitNet": ("cpu-bitnet.yaml", ["distill_weight=0"]),
+    "BitNet + distillation": ("cpu-bitnet.yaml", []),
+}
+
+
+def train(work: Path, minutes: float, eval_every: int, val_sequences: int) -> dict:
+    out = {}
+    for name, (recipe, extra) in RUNS.items():
+        run = work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        cmd = [sys.executable, "-m", "qtrain", "fit", "--recipe", f"recipes/{recipe}", "-o", str(run), "--overwrite",
+               "--time", f"{minutes}m", "max_steps=100000", f"eval_every={eval_every}", "save_every=0",
+               f"val_max_sequences={val_sequences}", *extra]
+        print("$", " ".join(cmd[2:]), flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        summary = json.loads((run / "summary.json").read_text())
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        seconds, tokens, at = 0.0, 0, {}
+        for x in lines:
+            if "loss" in x:
+                seconds += x["step_seconds"]
+                tokens = x["tokens"]
+                at[x["step"]] = (round(seconds, 1), tokens)
+        curve = [{"step": 0, "train_seconds": 0.0, "tokens": 0, "val_ppl": summary["val_perplexity_before"]}]
+        curve += [{"step": x["step"], "train_seconds": at[x["step"]][0], "tokens": at[x["step"]][1],
+                   "val_ppl": round(math.exp(x["val_loss"]), 3)} for x in lines if "val_loss" in x]
+        curve.append({"step": summary["steps"], "train_seconds": summary["train_seconds"],
+                      "tokens": summary["train_tokens"], "val_ppl": summary["val_perplexity_after"]})
+        out[name] = {"recipe": recipe, "overrides": extra, "dir": str(run),
+                     "wall_seconds": round(time.perf_counter() - start, 1),
+                     "summary": {k: summary.get(k) for k in (
+                         "steps", "train_tokens", "train_seconds", "tokens_per_second", "mfu", "peak_memory_bytes",
+                         "val_perplexity_before", "val_perplexity_after", "trainable_params", "distill")},
+                     "val_curve": curve}
+    return out
+
+
+def loaded_back(run_dir: str, val_sequences: int) -> dict:
+    """The saved packed model (bf16 embeddings and norms) scored through transformers' BitLinear on the
+    validation split the run used, against the training-time forward's perplexity in its summary."""
+    code = f"""
+import json, math, torch
+from qtrain.recipe import load_recipe
+from qtrain.models import load_tokenizer, resolve_model_source
+from qtrain.runs import load_trained
+from qtrain.train import build_data
+from qtrain.loss import forward_loss_sum, fused_head
+recipe = load_recipe("recipes/cpu-bitnet.yaml", ["val_max_sequences={val_sequences}"])
+packed = build_data(None, recipe, load_tokenizer(resolve_model_source(None)))
+model = load_trained({run_dir!r}).eval()
+total = n = 0
+with torch.no_grad():
+    for s in range(0, len(packed.val_ids), 4):
+        y = packed.val_labels[s:s + 4]
+        total += float(forward_loss_sum(model, model, packed.val_ids[s:s + 4], y, fused_head(model)))
+        n += int((y[:, 1:] != -100).sum())
+print(json.dumps({{"val_ppl": math.exp(total / n), "layer": type(model.model.layers[0].mlp.down_proj).__name__}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    files = {p.name: p.stat().st_size for p in Path(run_dir).glob("*.safetensors")}
+    return {**got, "model_file_bytes": sum(files.values())}
+
+
+def extrapolate(curve: list[dict], goal: float) -> dict | None:
+    """Tokens to reach ``goal`` from a power law ppl = a * tokens^b fitted to the curve's trained points (a
+    straight line in log-log through the second half of them): a rough reading, not a prediction."""
+    pts = [(p["tokens"], p["val_ppl"]) for p in curve if p["tokens"] > 0]
+    pts = pts[len(pts) // 2:] if len(pts) >= 4 else pts
+    if len(pts) < 2:
+        return None
+    xs = [math.log(t) for t, _ in pts]
+    ys = [math.log(v) for _, v in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    if b >= 0:
+        return {"slope": round(b, 3), "tokens_to_goal": None, "points": len(pts)}
+    return {"slope": round(b, 3), "tokens_to_goal": int(math.exp((math.log(goal) - a) / b)), "points": len(pts)}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, run in result["runs"].items():
+        c = run["val_curve"]
+        ax.plot([p["train_seconds"] / 60 for p in c], [p["val_ppl"] for p in c], marker="o", label=name)
+    ax.axhline(result["goal_ppl"], color="grey", linestyle="--", label=f"goal ({result['goal_ppl']:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training minutes (validation excluded)")
+    ax.set_ylabel("validation perplexity (log)")
+    ax.set_title(f"Equal wall-clock ({result['minutes']:g} min a run), default model, 2-core CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(r: dict) -> str:
+    m = r["machine"]
+    lines = ["# BitNet b1.58 with and without distillation, against full fine-tuning and LoRA", "",
+             f"Machine: {m.get('cpu')} ({m.get('cores')} cores); git {r['git']}. Reproduce: `{r['command']}`. "
+             f"{r['minutes']:g} minutes of `qtrain fit --time` per run, one after the other; same data (the "
+             f"embedded standard-library corpus), seed and validation split ({r['val_tokens']:,} tokens). "
+             "BitNet's validation is always fully ternary.", "",
+             "| run | steps | tokens | tok/s | peak RSS (GiB) | val ppl before | val ppl after |",
+             "|---|---|---|---|---|---|---|"]
+    for name, run in r["runs"].items():
+        s = run["summary"]
+        lines.append(f"| {name} | {s['steps']} | {s['train_tokens']:,} | {s['tokens_per_second']:.0f} | "
+                     f"{s['peak_memory_bytes'] / 2**30:.2f} | {s['val_perplexity_before']:,.2f} | "
+                     f"{s['val_perplexity_after']:,.2f} |")
+    lines += ["", "Validation perplexity by training minute:", ""]
+    for name, run in r["runs"].items():
+        pts = ", ".join(f"{p['train_seconds'] / 60:.1f}: {p['val_ppl']:,.1f}" for p in run["val_curve"])
+        lines.append(f"- {name}: {pts}")
+    lines += ["", "![curves](bitnet_distill.png)", "", f"Goal: {r['goal_ppl']:.1f} (3x the base model's "
+              f"{r['base_ppl']:.2f})."]
+    for name, ex in r["extrapolation"].items():
+        if ex is None:
+            continue
+        if ex["tokens_to_goal"] is None:
+            lines.append(f"- {name}: the curve's fitted slope is {ex['slope']} (not falling); no extrapolation.")
+        else:
+            lines.append(f"- {name}: a power law through the last {ex['points']} points (slope {ex['slope']}) "
+                         f"reaches it at about {ex['tokens_to_goal']:,} tokens (a rough reading).")
+    lb = r.get("loaded_back")
+    if lb:
+        lines += ["", "## The saved ternary model, loaded back", "",
+                  f"The distilled run's directory ({lb['model_file_bytes'] / 1e6:.1f} MB of safetensors, bf16 "
+                  f"embeddings and norms, 2-bit layers) loads as transformers `{lb['layer']}` layers; validation "
+                  f"perplexity {lb['val_ppl']:,.2f} there against {lb['training_ppl']:,.2f} from the training-time "
+                  f"forward (fp32 embeddings): a ratio of {lb['val_ppl'] / lb['training_ppl']:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=60)
+    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--val-sequences", type=int, default=16)
+    ap.add_argument("--keep", help="keep the run directories here")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if args.render_only:
+        result = json.loads((RESULTS / "bitnet_distill.json").read_text())
+    else:
+        work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qtrain-bitnet-distill-"))
+        runs = train(work, args.minutes, args.eval_every, args.val_sequences)
+        base_ppl = runs["full fp32"]["summary"]["val_perplexity_before"]
+        goal = BASE_PPL_GOAL_FACTOR * base_ppl
+        distilled = runs["BitNet + distillation"]
+        back = loaded_back(distilled["dir"], args.val_sequences)
+        back["training_ppl"] = distilled["summary"]["val_perplexity_after"]
+        result = header("bitnet_distill", command=f"python benchmarks/bitnet_distill.py --minutes {args.minutes:g} "
+                        f"--eval-every {args.eval_every} --val-sequences {args.val_sequences}",
+                        minutes=args.minutes, val_tokens=args.val_sequences * 512, base_ppl=base_ppl, goal_ppl=goal,
+                        runs=runs, loaded_back=back,
+                        extrapolation={n: extrapolate(r["val_curve"], goal) for n, r in runs.items()
+                                       if n.startswith("BitNet")})
+    write_results("bitnet_distill", result, render(result))
+    plot(result, RESULTS / "bitnet_distill.png")
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
