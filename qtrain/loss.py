@@ -149,11 +149,13 @@ def forward_loss_sum(net: nn.Module, model: nn.Module, input_ids: torch.Tensor, 
         with torch.no_grad():
             teacher_logits = teacher.model(input_ids=input_ids, use_cache=False).logits
         return distill_loss_sum(logits, teacher_logits, labels, teacher.weight, teacher.temperature)
-    hidden = _decoder_output(net, model, input_ids)
+    # under mixed precision the decoder's output comes out in the compute dtype and the head's weight is an fp32
+    # master: the head and the loss run in fp32 (the loss is computed in fp32 anyway)
+    hidden = _decoder_output(net, model, input_ids).to(head.weight.dtype)
     if teacher is None:
         return fused_linear_cross_entropy(hidden, head.weight, labels)
     with torch.no_grad():
-        teacher_hidden = _decoder_output(teacher.model, teacher.model, input_ids)
+        teacher_hidden = _decoder_output(teacher.model, teacher.model, input_ids).to(teacher.head.weight.dtype)
     return fused_linear_distill(hidden, head.weight, teacher_hidden, teacher.head.weight, labels, teacher.weight,
                                 teacher.temperature)
 

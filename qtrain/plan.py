@@ -146,6 +146,8 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     ``allocator``: the host allocator of the training process ("jemalloc" or "glibc"; None: this process's).
     It matters on a CPU only, where glibc keeps freed activation memory in RSS (see ALLOCATOR_RETENTION)."""
     b = DTYPE_BYTES[recipe.dtype]
+    # weights that train are fp32 masters under mixed precision (train.weights_dtype); frozen ones are in b
+    wb = 4 if recipe.method in ("full", "bitnet") else b
     total = shape.total_params()
     linear = shape.n_layers * sum(shape.layer_linear_params().values())
     terms: dict[str, int] = {}
@@ -156,16 +158,19 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # forward), plus bitnet_rms_norm's gains
         if recipe.bitnet_rms_norm:
             total += shape.n_layers * (6 * shape.hidden + shape.intermediate)
-        terms["weights"] = total * b
+        terms["weights"] = total * wb
     else:
-        terms["weights"] = total * b
+        terms["weights"] = total * wb
     if recipe.method in ("lora", "qlora"):
         trainable = shape.lora_params(recipe.lora_r, recipe.target_modules)
         terms["lora_parameters"] = trainable * 4  # adapters are kept in fp32
         grad_bytes = 4
     else:
         trainable = total
-        grad_bytes = b
+        grad_bytes = wb
+        if wb != b:
+            # autocast's copies of the matmul weights in the compute dtype, kept for the backward pass
+            terms["autocast_weight_copies"] = (linear + shape.vocab * shape.hidden) * b
     terms["gradients"] = trainable * grad_bytes
     opt_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}[recipe.optimizer]
     terms["optimizer_states"] = trainable * opt_bytes
@@ -232,7 +237,7 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # Loading: on a CPU the safetensors file is memory-mapped while its tensors are copied out, so for a
     # moment both count in RSS (QLoRA quantises from the full-precision copy, so the same holds).
     # On a GPU weights arrive shard by shard (quantised on the fly for QLoRA): no more than they end up as.
-    full_weights = total * (4 if recipe.dtype == "float32" else 2)
+    full_weights = total * wb
     load_peak = runtime + (int(LOAD_WEIGHT_COPIES.get(heap, 2) * full_weights) if kind == "cpu" else terms["weights"])
     peak = max(train_peak, load_peak)
     matmul = linear + shape.vocab * shape.hidden  # the LM head is a matmul even when tied

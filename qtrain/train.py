@@ -32,7 +32,7 @@ from qtrain.measure import (bound_heap_retention, current_rss_bytes, heap_alloca
 from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.plan import ASSUMED_MFU
-from qtrain.recipe import Recipe, save_recipe
+from qtrain.recipe import Recipe, RecipeError, save_recipe
 from qtrain.runs import RUN_MARKER, is_run_dir, save_final
 from qtrain.errors import QtrainError
 
@@ -639,6 +639,7 @@ class _Training:
             "memory_limit_bytes": self.memory_limit_bytes, "backoffs": self.shape.history,
             "micro_batch_size_final": self.shape.micro_batch, "grad_accum_steps_final": self.shape.accum,
             "world_size": self.world, "device": str(self.device), "machine": machine_info(), "versions": _versions(),
+            "mixed_precision": self.accelerator.mixed_precision,
             # with a teacher the logged training loss is the distillation objective; validation is cross-entropy
             "distill": ({"weight": recipe.distill_weight, "temperature": recipe.distill_temperature,
                          "teacher_dtype": recipe.distill_teacher_dtype} if self.teacher else None),
@@ -646,6 +647,21 @@ class _Training:
                                          "train_sequences", "val_sequences") if k in rep},
             **(extra or {}),
         }
+
+
+def _fresh_precision_state(recipe: Recipe) -> str:
+    """The recipe's accelerate mixed-precision mode, with accelerate's process-wide state made ready for it.
+    AcceleratorState is a singleton that refuses a second Accelerator with another mode ("restart your runtime"),
+    which would break a second ``fit`` in one process (a notebook, a benchmark) whose recipe changes ``dtype``.
+    Only that state is cleared, through accelerate's own (underscored) reset that its tests use; the
+    PartialState holding the process group stays."""
+    from accelerate.state import AcceleratorState
+
+    mode = mixed_precision(recipe)
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mode)) != mode:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return mode
 
 
 def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, output: str | Path,
@@ -671,7 +687,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     heap_bounded = bound_heap_retention()  # peak RSS then follows live memory (see measure.py)
     # cpu=True without a GPU: that is what makes accelerate set up gloo (MULTI_CPU) under a multi-process
     # launcher; without it each process would train alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_fresh_precision_state(recipe))
     run_dir = Path(output)
     prepare_output_dir(run_dir, resume, overwrite, check_only=True)
     set_seed(recipe.seed)
@@ -699,12 +715,30 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     return run.finish(heap_bounded, extra_summary)
 
 
+def mixed_precision(recipe: Recipe) -> str:
+    """accelerate's mixed_precision for the recipe's compute dtype: bf16 or fp16 autocast over fp32 master
+    weights where weights train, and for fp16 dynamic loss scaling (accelerate's GradScaler), which needs CUDA."""
+    if recipe.dtype == "float16" and not torch.cuda.is_available():
+        raise RecipeError("dtype=float16 trains with loss scaling, which needs a CUDA device; on this machine use "
+                          "dtype=bfloat16 or float32")
+    return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[recipe.dtype]
+
+
+def weights_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the model's weights are held in. Weights that train stay fp32 (the master copy: AdamW's small
+    updates to bf16 weights round away; at lr 1e-5 most of them do) and autocast computes in recipe.dtype;
+    frozen base weights under LoRA/QLoRA are held in recipe.dtype, which is where it saves memory."""
+    if recipe.method in ("full", "bitnet"):
+        return torch.float32
+    return getattr(torch, recipe.dtype)
+
+
 def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed: PackedData, accelerator):
     """The base model in the recipe's dtype (and quantization), with FIM tokens added and the method applied;
     and the distillation teacher (a frozen copy from before the method was applied), or None."""
     device = accelerator.device
     qconf = quantization_config(recipe, device.type)
-    net = load_model(source, dtype=getattr(torch, recipe.dtype),
+    net = load_model(source, dtype=weights_dtype(recipe),
                      **({"quantization_config": qconf, "device_map": {"": str(device)}} if qconf is not None else {}))
     if packed.new_token_ids:
         net.resize_token_embeddings(len(tokenizer))
@@ -728,7 +762,6 @@ def make_optimizer(groups, recipe: Recipe, device: torch.device):
     if recipe.optimizer == "adamw_8bit":
         return bnb.optim.AdamW8bit(groups, lr=recipe.learning_rate)
     if device.type != "cuda":
-        from qtrain.recipe import RecipeError
         raise RecipeError("optimizer 'paged_adamw_8bit' pages optimizer state between GPU and CPU memory and needs a "
                           "CUDA device; use optimizer=adamw or adamw_8bit on this device")
     return bnb.optim.PagedAdamW8bit(groups, lr=recipe.learning_rate)

@@ -57,6 +57,39 @@ def test_full_run_is_a_transformers_model(tmp_path, tiny_model_dir, code_dir):
     assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
+def test_bf16_training_keeps_fp32_master_weights_so_small_updates_land(tmp_path, tiny_model_dir, code_dir):
+    """AdamW's first step moves every weight by about lr. At lr 1e-5 that is below half a bf16 ulp of most
+    weights, so bf16 weights would keep their old value; fp32 masters under bf16 autocast keep the update."""
+    from safetensors.torch import load_file as load
+
+    summary, out = run(tmp_path, tiny_model_dir, code_dir, "dtype=bfloat16", "learning_rate=1e-5", "warmup_steps=0",
+                       "max_grad_norm=0", "save_every=0", method="full", steps=1)
+    assert summary["mixed_precision"] == "bf16"
+    before = load(str(next(tiny_model_dir.glob("*.safetensors"))))
+    after = load(str(out / "model.safetensors"))
+    kept = lost = total = 0
+    for name, w in before.items():
+        if w.ndim != 2 or name not in after:
+            continue
+        new = after[name]
+        assert new.dtype == torch.float32
+        moved = new != w.float()
+        kept += int(moved.sum())
+        lost += int((moved & (new.bfloat16() == w.bfloat16())).sum())
+        total += w.numel()
+    assert kept > 0.9 * total  # fp32 masters: nearly every weight moved
+    assert lost > 0.5 * kept  # stored in bf16, most of those moves would have rounded away
+
+
+def test_fp16_needs_cuda_for_loss_scaling(tmp_path, tiny_model_dir, code_dir):
+    from qtrain.recipe import RecipeError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fp16 trains here")
+    with pytest.raises(RecipeError, match="float16.*CUDA.*bfloat16"):
+        run(tmp_path, tiny_model_dir, code_dir, "dtype=float16", method="full", steps=1)
+
+
 def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, code_dir, monkeypatch):
     extra = ("lora_dropout=0.1", "save_every=100")
     full, full_out = run(tmp_path, tiny_model_dir, code_dir, *extra, name="straight", steps=6)
@@ -251,11 +284,11 @@ def test_out_of_memory_backs_off_the_micro_batch_and_keeps_the_data(tmp_path, ti
     real = train.forward_loss_sum
     calls = {"n": 0}
 
-    def oom_on_big_batches(net, unwrapped, x, y, head):
+    def oom_on_big_batches(net, unwrapped, x, y, head, *rest):
         if x.shape[0] > 1:
             calls["n"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(net, unwrapped, x, y, head)
+        return real(net, unwrapped, x, y, head, *rest)
 
     monkeypatch.setattr(train, "forward_loss_sum", oom_on_big_batches)
     backed, out = run(tmp_path, tiny_model_dir, code_dir, "micro_batch_size=4", "grad_accum_steps=1", "lora_dropout=0",

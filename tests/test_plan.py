@@ -144,7 +144,7 @@ def test_plan_cli_json_offline():
     ("gpu-8gb-qlora.yaml", "codellama/CodeLlama-7b-hf", "cuda", 8),
     ("gpu-8gb-qlora.yaml", "meta-llama/Llama-3.1-8B", "cuda", 8),
     ("gpu-16gb-lora.yaml", "meta-llama/Llama-3.2-3B", "cuda", 16),
-    ("gpu-24gb-full.yaml", "meta-llama/Llama-3.2-3B", "cuda", 24),
+    ("gpu-24gb-full.yaml", "Qwen/Qwen2.5-Coder-1.5B", "cuda", 24),
 ])
 def test_named_budget_recipes_fit_their_budget(recipe_file, model, device, budget_gib):
     from pathlib import Path
