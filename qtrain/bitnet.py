@@ -218,6 +218,70 @@ def save_packed(model, tokenizer, out: Path, use_rms_norm: bool, rms_norm_eps: f
     tokenizer.save_pretrained(out)
 
 
+def shadow_from_ternary(t: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Shadow weights whose absmean ternarisation gives back exactly the ternary values ``t`` and the scale
+    ``weight_scale`` of a packed checkpoint: ``t / (weight_scale * p)``, p the share of non-zeros. Their mean
+    |W| is 1 / weight_scale, and ``W * weight_scale = t / p`` rounds and clamps back to ``t`` (|t / p| >= 1).
+    (``t / weight_scale`` would not: its mean |W| is p / weight_scale, so the scale would grow by 1 / p.)"""
+    share = t.ne(0).float().mean()
+    if share == 0:
+        return torch.zeros_like(t)
+    return t / (weight_scale.float() * share)
+
+
+def from_packed(model: nn.Module) -> list[str]:
+    """Replace the transformers ``BitLinear`` layers of a loaded packed checkpoint (a qtrain run, BitNet b1.58
+    2B4T, Falcon-E) by trainable :class:`BitNetLinear` layers that compute the same forward at strength 1, in
+    place; returns their names. Full ternary QAT trains these shadow weights; LoRA keeps them frozen."""
+    from transformers.integrations.bitnet import AutoBitLinear, BitLinear, unpack_weights
+
+    unpack = getattr(unpack_weights, "_torchdynamo_orig_callable", unpack_weights)
+    names = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, AutoBitLinear):
+                raise ValueError(f"{full} is transformers' AutoBitLinear (linear_class='autobitlinear'); qtrain "
+                                 "fine-tunes checkpoints in the packed 'bitlinear' layout only")
+            if not isinstance(child, BitLinear):
+                continue
+            norm = child.rms_norm
+            new = BitNetLinear(child.in_features, child.out_features, child.bias is not None,
+                               use_rms_norm=norm is not None, rms_norm_eps=getattr(norm, "variance_epsilon", 1e-6))
+            t = unpack(child.weight, dtype=torch.float32)[: child.out_features]
+            with torch.no_grad():
+                new.weight.copy_(shadow_from_ternary(t, child.weight_scale))
+                if child.bias is not None:
+                    new.bias.copy_(child.bias.float())
+                if norm is not None:
+                    new.rms_norm.weight.copy_(norm.weight.float())
+            setattr(module, child_name, new)
+            names.append(full)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no BitLinear layer: it is not a packed BitNet checkpoint")
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        # the layers are trainable modules now; saving writes the quantization config afresh (save_packed)
+        del config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(config, "qtrain_bitnet"):
+        del config.qtrain_bitnet
+    return names
+
+
+def has_rms_norm(model: nn.Module) -> bool:
+    return any(m.rms_norm is not None for m in layers(model).values())
+
+
+def is_bitnet_config(config) -> bool:
+    q = getattr(config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return getattr(method, "value", method) == "bitnet"
+
+
 def is_bitnet_dir(path: Path) -> bool:
     import json
 

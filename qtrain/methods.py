@@ -122,12 +122,16 @@ def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | N
     if recipe.method == "bitnet":
         from qtrain import bitnet
 
-        try:
-            converted, kept = bitnet.convert(model, recipe.bitnet_rms_norm, getattr(model.config, "rms_norm_eps", 1e-6))
-        except ValueError as exc:
-            raise RecipeError(f"method=bitnet: {exc}") from None
-        log.info("bitnet: %d linear layers made ternary; kept in full precision: %s", len(converted),
-                 ", ".join(kept) or "none besides the LM head")
+        if bitnet.layers(model):  # a ternary checkpoint unpacked by bitnet.from_packed: QAT continues from it
+            log.info("bitnet: training the %d ternary layers of a packed checkpoint", len(bitnet.layers(model)))
+        else:
+            try:
+                converted, kept = bitnet.convert(model, recipe.bitnet_rms_norm,
+                                                 getattr(model.config, "rms_norm_eps", 1e-6))
+            except ValueError as exc:
+                raise RecipeError(f"method=bitnet: {exc}") from None
+            log.info("bitnet: %d linear layers made ternary; kept in full precision: %s", len(converted),
+                     ", ".join(kept) or "none besides the LM head")
         # every parameter trains: the ternary layers' full-precision shadow weights, embeddings and norms
         for p in model.parameters():
             p.requires_grad_(True)

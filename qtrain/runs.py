@@ -67,6 +67,11 @@ def load_trained(run_dir: str | Path, dtype: torch.dtype = torch.float32):
         base = load_model(ModelSource(meta["model_source"], meta["base_model"], meta["model"]), dtype=dtype, **kwargs)
         if kwargs:
             base = base.dequantize().to(dtype)
+        from qtrain import bitnet
+
+        if bitnet.is_bitnet_config(base.config):  # adapters trained on a frozen ternary base (bitnet.from_packed)
+            bitnet.from_packed(base)
+            base.requires_grad_(False)
         if base.get_input_embeddings().num_embeddings != meta["vocab_size"]:
             base.resize_token_embeddings(meta["vocab_size"])
         try:
@@ -97,6 +102,13 @@ def load_merged(run_dir: str | Path, dtype: torch.dtype = torch.float32):
     info = {"source": str(run_dir), "adapter": False, "method": meta.get("method")}
     if not hasattr(model, "merge_and_unload"):
         return model.eval(), info
+    from qtrain import bitnet
+
+    if bitnet.layers(model):
+        raise ModelError(f"{str(run_dir)!r} holds LoRA adapters on a ternary (BitNet) base: merging is refused, "
+                         "since the merged weights are no longer ternary and re-ternarising them changes what was "
+                         "trained. Use the run as it is (qtrain eval / serve load base + adapter), or train with "
+                         "method=bitnet (ternary QAT) for a packed ternary model to export")
     model.eval()
     vocab = model.get_input_embeddings().num_embeddings
     probe = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -122,7 +134,7 @@ def save_final(model, tokenizer, run_dir: Path, recipe) -> None:
         if recipe.method == "bitnet":
             from qtrain import bitnet
 
-            bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm,
+            bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm or bitnet.has_rms_norm(model),
                                getattr(model.config, "rms_norm_eps", 1e-6))
         else:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -120,7 +120,8 @@ def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
         missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
                                   ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
         raise ShapeError(f"config of {name!r} ({family}) lacks {missing}; qtrain plans decoder-only transformers")
-    gated = family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "starcoder2x")
+    gated = family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "starcoder2x",
+                       "bitnet")  # bitnet: BitNet b1.58 2B4T, a ReLU^2-gated MLP
     if family in ("gpt_bigcode",) or cfg.get("multi_query"):
         kv = 1 if cfg.get("multi_query", True) and family in ("gpt_bigcode", "falcon") else heads
         if family == "falcon" and cfg.get("new_decoder_architecture"):

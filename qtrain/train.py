@@ -736,10 +736,23 @@ def weights_dtype(recipe: Recipe) -> torch.dtype:
 def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed: PackedData, accelerator):
     """The base model in the recipe's dtype (and quantization), with FIM tokens added and the method applied;
     and the distillation teacher (a frozen copy from before the method was applied), or None."""
+    from qtrain import bitnet
+    from qtrain.models import load_config
+
     device = accelerator.device
+    ternary = source.kind in ("local", "hub") and bitnet.is_bitnet_config(load_config(source))
+    if ternary and recipe.method not in ("bitnet", "lora"):
+        raise RecipeError(f"{source.name} is a ternary (BitNet b1.58) checkpoint: fine-tune it with method=bitnet "
+                          "(ternary QAT: its shadow weights train and are packed again) or method=lora (adapters on "
+                          f"the frozen ternary base); method={recipe.method} cannot train it")
     qconf = quantization_config(recipe, device.type)
     net = load_model(source, dtype=weights_dtype(recipe),
                      **({"quantization_config": qconf, "device_map": {"": str(device)}} if qconf is not None else {}))
+    if ternary:
+        names = bitnet.from_packed(net)
+        net.to(dtype=weights_dtype(recipe))
+        _print(accelerator, f"{source.name}: {len(names)} packed ternary layers unpacked to shadow weights that "
+                            "reproduce their ternary values and scales")
     if packed.new_token_ids:
         net.resize_token_embeddings(len(tokenizer))
         _print(accelerator, f"added FIM tokens {packed.new_token_ids} to the tokenizer and resized the embeddings")

@@ -273,3 +273,90 @@ def test_the_planner_knows_bitnet_memory():
     # one quantised copy of the linear weights per layer in flight, and each layer's own quantised inputs
     assert bit.terms["activations"] - full.terms["activations"] == s.n_layers * (
         sum(s.layer_linear_params().values()) * 4 + 4 * s.hidden * 4 * 512)
+
+
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory, tiny_model_dir, code_dir):
+    """A tiny BitNet run (a packed ternary checkpoint written by qtrain) and its summary."""
+    out = tmp_path_factory.mktemp("packed") / "run"
+    summary = fit(load_recipe(None, TINY + ["max_steps=3", "save_every=0"]), model=str(tiny_model_dir),
+                  data=str(code_dir), output=out)
+    return out, summary
+
+
+def _val_loss(model, recipe, data_dir, tokenizer_dir) -> float:
+    from qtrain.loss import forward_loss_sum
+    from qtrain.models import load_tokenizer, resolve_model_source
+    from qtrain.train import build_data
+
+    packed = build_data(str(data_dir), recipe, load_tokenizer(resolve_model_source(str(tokenizer_dir))))
+    total = n = 0.0
+    with torch.no_grad():
+        for s in range(0, len(packed.val_ids), 2):
+            y = packed.val_labels[s:s + 2]
+            total += float(forward_loss_sum(model, model, packed.val_ids[s:s + 2], y, None))
+            n += int((y[:, 1:] != -100).sum())
+    return total / n
+
+
+def test_unpacking_a_checkpoint_reproduces_its_ternary_values_scales_and_forward(packed_run):
+    from transformers.integrations.bitnet import unpack_weights
+
+    from qtrain.models import load_model, resolve_model_source
+
+    run, _ = packed_run
+    reference = bitnet.load_packed(run).eval()
+    model = load_model(resolve_model_source(str(run)))
+    names = bitnet.from_packed(model)
+    assert names and all(isinstance(m, bitnet.BitNetLinear) for m in bitnet.layers(model).values())
+    for name in names:
+        packed_layer = reference.get_submodule(name)
+        t, scale = bitnet.ternarize(model.get_submodule(name).weight)
+        torch.testing.assert_close(t, unpack_weights(packed_layer.weight, torch.float32)[: t.shape[0]], rtol=0, atol=0)
+        # the scale is recomputed as a mean over the layer's weights in fp32: equal up to that sum's rounding
+        torch.testing.assert_close(scale.reshape(1), packed_layer.weight_scale.float(), rtol=5e-5, atol=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    # and t / scale alone would not: its absmean scale is off by the share of non-zeros
+    layer = model.get_submodule(names[0])
+    t, scale = bitnet.ternarize(layer.weight)
+    assert float(bitnet.ternarize(t / scale)[1]) > 1.05 * float(scale)
+
+
+def test_full_ternary_qat_of_a_packed_checkpoint_round_trips(packed_run, tmp_path, tiny_model_dir, code_dir):
+    run, first = packed_run
+    recipe = load_recipe(None, TINY + ["max_steps=2", "save_every=0"])
+    again = fit(recipe, model=str(run), data=str(code_dir), output=tmp_path / "qat")
+    # it starts where the packed checkpoint is (its bf16 embeddings round the first run's fp32 ones)
+    assert again["val_loss_before"] == pytest.approx(first["val_loss_after"], rel=2e-3)
+    assert bitnet.is_bitnet_dir(tmp_path / "qat")
+    # train -> save -> load -> the training model's validation loss (the summary's is from the training forward)
+    loaded = bitnet.load_packed(tmp_path / "qat").eval()
+    assert _val_loss(loaded, recipe, code_dir, tiny_model_dir) == pytest.approx(again["val_loss_after"], rel=2e-3)
+    from qtrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="ternary.*method=bitnet.*method=lora"):
+        fit(load_recipe(None, TINY + ["method=full", "max_steps=1"]), model=str(run), data=str(code_dir),
+            output=tmp_path / "full")
+
+
+def test_lora_on_a_frozen_ternary_base_saves_adapters_and_refuses_to_merge(packed_run, tmp_path, tiny_model_dir,
+                                                                            code_dir):
+    from qtrain.models import ModelError
+    from qtrain.runs import load_merged, load_trained
+
+    run, _ = packed_run
+    recipe = load_recipe(None, [*TINY[:-1], "method=lora", "lora_r=4", "lora_alpha=8", "lora_dropout=0",
+                                "max_steps=2", "save_every=0"])
+    summary = fit(recipe, model=str(run), data=str(code_dir), output=tmp_path / "lora")
+    assert summary["trainable_params"] < summary["total_params"] / 5  # only the adapters train
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "lora" / "model.safetensors").exists()  # the ternary base is not copied
+    model = load_trained(tmp_path / "lora").eval()
+    assert isinstance(model.get_base_model().model.layers[0].mlp.down_proj.base_layer, bitnet.BitNetLinear)
+    assert summary["val_loss_after"] != summary["val_loss_before"]
+    assert _val_loss(model, recipe, code_dir, tiny_model_dir) == pytest.approx(summary["val_loss_after"], rel=1e-5)
+    with pytest.raises(ModelError, match="merging is refused"):
+        load_merged(tmp_path / "lora")
