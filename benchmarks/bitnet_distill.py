@@ -53,8 +53,9 @@ def train(work: Path, minutes: float, eval_every: int, val_sequences: int) -> di
         curve = [{"step": 0, "train_seconds": 0.0, "tokens": 0, "val_ppl": summary["val_perplexity_before"]}]
         curve += [{"step": x["step"], "train_seconds": at[x["step"]][0], "tokens": at[x["step"]][1],
                    "val_ppl": round(math.exp(x["val_loss"]), 3)} for x in lines if "val_loss" in x]
-        curve.append({"step": summary["steps"], "train_seconds": summary["train_seconds"],
-                      "tokens": summary["train_tokens"], "val_ppl": summary["val_perplexity_after"]})
+        if curve[-1]["step"] != summary["steps"]:  # the last step is often also an evaluation step
+            curve.append({"step": summary["steps"], "train_seconds": summary["train_seconds"],
+                          "tokens": summary["train_tokens"], "val_ppl": summary["val_perplexity_after"]})
         out[name] = {"recipe": recipe, "overrides": extra, "dir": str(run),
                      "wall_seconds": round(time.perf_counter() - start, 1),
                      "summary": {k: summary.get(k) for k in (
@@ -94,7 +95,7 @@ print(json.dumps({{"val_ppl": math.exp(total / n), "layer": type(model.model.lay
 def extrapolate(curve: list[dict], goal: float) -> dict | None:
     """Tokens to reach ``goal`` from a power law ppl = a * tokens^b fitted to the curve's trained points (a
     straight line in log-log through the second half of them): a rough reading, not a prediction."""
-    pts = [(p["tokens"], p["val_ppl"]) for p in curve if p["tokens"] > 0]
+    pts = list({p["tokens"]: (p["tokens"], p["val_ppl"]) for p in curve if p["tokens"] > 0}.values())
     pts = pts[len(pts) // 2:] if len(pts) >= 4 else pts
     if len(pts) < 2:
         return None
@@ -179,6 +180,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.render_only:
         result = json.loads((RESULTS / "bitnet_distill.json").read_text())
+        for run in result["runs"].values():  # drop a final point repeated from the last evaluation
+            c = run["val_curve"]
+            run["val_curve"] = [p for i, p in enumerate(c) if i == 0 or p["step"] != c[i - 1]["step"]]
+        result["extrapolation"] = {n: extrapolate(r["val_curve"], result["goal_ppl"])
+                                   for n, r in result["runs"].items() if n.startswith("BitNet")}
     else:
         work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qtrain-bitnet-distill-"))
         runs = train(work, args.minutes, args.eval_every, args.val_sequences)
