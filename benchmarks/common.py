@@ -29,10 +29,10 @@ def header(benchmark: str, **fields: Any) -> dict[str, Any]:
     return {"benchmark": benchmark, "git": git_sha(), "machine": machine_info(), "versions": _versions(), **fields}
 
 
-def write_results(name: str, result: dict[str, Any], markdown: str) -> None:
+def write_results(name: str, result: dict[str, Any], markdown: str, results: Path = RESULTS) -> None:
     """RESULTS/NAME.json and RESULTS/NAME.md, each written to a temporary file and renamed."""
     from qtrain.io import atomic_write_json, atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / f"{name}.json", result)
-    atomic_write_text(RESULTS / f"{name}.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results / f"{name}.json", result)
+    atomic_write_text(results / f"{name}.md", markdown if markdown.endswith("\n") else markdown + "\n")

@@ -47,7 +47,8 @@ def measure_candidate(candidate: Candidate, model: str | None, data: str | None,
     return {**candidate.row(), "steps": summary["steps"], "measured_peak_bytes": measured,
             "peak_error": round(predicted / measured - 1, 4) if measured else None,
             "measured_tokens_per_second": summary["tokens_per_second"], "allocator": summary.get("allocator"),
-            "device": summary.get("device")}
+            "device": summary.get("device"), "cuda_memory": summary.get("cuda_memory"),
+            "backoffs": summary.get("backoffs")}
 
 
 def measure_plan(plan: Plan, model: str | None, data: str | None = None, steps: int = 3,

@@ -64,6 +64,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak_rss_bytes()
 
 
+def cuda_memory_detail(device: torch.device) -> dict | None:
+    """On a GPU, what the planner's CUDA terms are checked against: the caching allocator's peak allocated and
+    peak reserved bytes, and the device memory in use now (context, reserved cache and any other process:
+    ``total - free``). None on a CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"max_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+            "max_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+            "device_used_bytes": int(total - free), "device_total_bytes": int(total)}
+
+
 def tokens_per_second(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
