@@ -37,7 +37,7 @@ FORMAT = 1
 # intervals may change on resume.
 RESUME_KEYS = ("method", "seq_len", "micro_batch_size", "grad_accum_steps", "lora_r", "lora_alpha",
                "target_modules", "optimizer", "seed", "data_format", "instruction_template", "fim_rate", "fim_mode", "val_fraction",
-               "gradient_checkpointing", "dtype", "bitnet_warmup_steps", "bitnet_rms_norm")
+               "gradient_checkpointing", "dtype", "bitnet_warmup_steps", "bitnet_rms_norm", "fsdp")
 
 
 class CheckpointError(QtrainError, RuntimeError):
@@ -55,7 +55,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            out[name] = p.detach().contiguous().cpu()
+            # under FSDP, this process's shard (see qtrain/sharding.py)
+            out[name] = (p.to_local() if hasattr(p, "to_local") else p).detach().contiguous().cpu()
     return out
 
 
@@ -66,12 +67,45 @@ def checkpoints_dir(run_dir: Path) -> Path:
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict[str, Any],
                     rng_states: dict[int, dict], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep``."""
+    tmp = begin_checkpoint(run_dir, step)
+    try:
+        write_model_files(tmp, model, optimizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(run_dir, step, tmp, scheduler, state, rng_states, keep)
+
+
+def model_file_names(rank: int | None) -> tuple[str, str]:
+    """(weights, optimizer) file names: one pair per process for a sharded run (``rank`` given), else one."""
+    if rank is None:
+        return "trainable.safetensors", "optimizer.pt"
+    return f"trainable-rank{rank}.safetensors", f"optimizer-rank{rank}.pt"
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """The temporary directory checkpoint ``step`` is written into (by every process of a sharded run)."""
+    return make_tmp_dir(checkpoints_dir(run_dir) / f"step-{step:06d}")
+
+
+def write_model_files(tmp: Path, model: nn.Module, optimizer, rank: int | None = None) -> None:
+    """The trainable weights and the optimizer state (with ``rank``: this process's shards of them)."""
+    weights, opt = model_file_names(rank)
+    save_file(trainable_state(model), str(tmp / weights))
+    opt_state = optimizer.state_dict()
+    if rank is not None:
+        from qtrain.sharding import optimizer_state_local
+
+        opt_state = optimizer_state_local(opt_state)
+    torch.save(opt_state, tmp / opt)
+
+
+def finish_checkpoint(run_dir: Path, step: int, tmp: Path, scheduler, state: dict[str, Any],
+                      rng_states: dict[int, dict], keep: int = 2) -> Path:
+    """Scheduler, RNG and state into ``tmp``, everything fsynced, renamed into place, ``latest`` pointed at it."""
     ckdir = checkpoints_dir(run_dir)
     final = ckdir / f"step-{step:06d}"
-    tmp = make_tmp_dir(final)
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in rng_states.items():
             save_rng_state(rng, tmp, rank)
@@ -180,10 +214,12 @@ def check_compatible(state: dict[str, Any], recipe: dict[str, Any], model_name: 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG from ``ckpt``; returns its state dict."""
     state = read_state(ckpt)
+    sharded = bool(state.get("sharded"))
+    weights_name, opt_name = model_file_names(rank if sharded else None)
     try:
-        weights = load_file(str(ckpt / "trainable.safetensors"))
+        weights = load_file(str(ckpt / weights_name))
     except (OSError, SafetensorError) as exc:
-        raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt (trainable.safetensors: {exc})") from None
+        raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt ({weights_name}: {exc})") from None
     params = dict(model.named_parameters())
     expected = trainable_state(model)
     missing = sorted(set(expected) - set(weights))
@@ -193,12 +229,13 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: in
                               f"{unexpected[:3]}; was it made with another method or model?")
     with torch.no_grad():
         for name, tensor in weights.items():
-            if params[name].shape != tensor.shape:
+            target = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
+            if target.shape != tensor.shape:
                 raise CheckpointError(f"checkpoint {ckpt}: {name} has shape {tuple(tensor.shape)}, the model has "
-                                      f"{tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+                                      f"{tuple(target.shape)}")
+            target.copy_(tensor)
     try:
-        optimizer_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = torch.load(ckpt / opt_name, map_location="cpu", weights_only=True)
         scheduler_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
         rng = load_rng_state(ckpt, rank)
     except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
@@ -206,6 +243,10 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: in
         raise CorruptCheckpoint(f"checkpoint {ckpt} is corrupt or not a plain-data checkpoint "
                                 f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
     try:
+        if sharded:
+            from qtrain.sharding import optimizer_state_sharded
+
+            optimizer_state = optimizer_state_sharded(optimizer_state, optimizer)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
     except (RuntimeError, ValueError, KeyError) as exc:

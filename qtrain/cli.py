@@ -37,7 +37,11 @@ def parse_duration(text: str) -> float:
 def _plan_from_args(args, base, allocator: str | None = None):
     from qtrain.plan import plan_for
 
-    return plan_for(args.model, args.budget, args.device, base, allocator)
+    # `qtrain fit --budget` under `accelerate launch` plans for the processes it runs in (WORLD_SIZE)
+    devices = getattr(args, "devices", None)
+    if devices is None:
+        devices = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return plan_for(args.model, args.budget, args.device, base, allocator, devices)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -492,6 +496,8 @@ def _add_plan_parser(sub) -> None:
     plan.add_argument("--model", help="hub id (offline: the shipped configs), local directory, .gguf; default: embedded")
     plan.add_argument("--budget", help="memory budget, e.g. 8GB (default on CPU: available RAM minus 10%%)")
     plan.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    plan.add_argument("--devices", type=int, default=1,
+                      help="devices (processes) of that kind, each with --budget: plans DDP or FSDP sharding")
     plan.add_argument("--recipe", help="base recipe (target seq_len, effective batch, LoRA rank)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--measure", action="store_true",

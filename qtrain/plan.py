@@ -9,6 +9,7 @@ tests/test_plan.py, which re-runs that census on random shapes and checks the fo
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -140,8 +141,9 @@ def host_heap(allocator: str | None = None) -> str:
 
 
 def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: float = 168e9,
-            allocator: str | None = None) -> Prediction:
-    """Predicted peak memory (sum of named terms, bytes) and tokens/s of training ``recipe`` on ``shape``.
+            allocator: str | None = None, devices: int = 1) -> Prediction:
+    """Predicted peak memory per device (sum of named terms, bytes) and tokens/s of training ``recipe`` on
+    ``shape``, with ``devices`` processes (one per device; the recipe's micro-batch is per process).
 
     ``allocator``: the host allocator of the training process ("jemalloc" or "glibc"; None: this process's).
     It matters on a CPU only, where glibc keeps freed activation memory in RSS (see ALLOCATOR_RETENTION)."""
@@ -184,7 +186,8 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # while a layer runs backward, its activation gradients live beside the saved tensors
     terms["backward_workspace"] = one_layer
     distill = recipe.distill_weight > 0
-    if recipe.fused_cross_entropy:
+    # under FSDP the LM head's weight is a shard outside the module's own forward, so the loop runs the plain head
+    if recipe.fused_cross_entropy and not (recipe.fsdp and devices > 1):
         # distillation holds about six chunk-sized tensors (both models' log-probabilities, their softmaxes,
         # the gradient) in smaller chunks; cross-entropy two
         rows, copies = (min(tokens, DISTILL_CHUNK_ROWS), 6) if distill else (min(tokens, FUSED_CE_CHUNK_ROWS), 2)
@@ -230,6 +233,8 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # bitsandbytes quantises on a CPU from fp32 weights loaded first; their pages stay resident (measured:
         # QLoRA's peak RSS was LoRA's plus 0.08-0.44 GiB on the default model, not 0.34 GiB less)
         terms["fp32_load_copy"] = int(linear * 4)
+    if devices > 1:
+        _several_devices(terms, shape, recipe, devices, b, grad_bytes, trainable)
     body = sum(terms.values())
     runtime, fragmentation = HOST_HEAP.get(heap, (RUNTIME_BYTES[kind], FRAGMENTATION[kind]))
     terms["runtime_overhead"] = runtime + int(fragmentation * body)
@@ -248,8 +253,32 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         flops += forward_flops_per_token(matmul, shape.n_layers, shape.hidden, recipe.seq_len)
     if recipe.gradient_checkpointing:
         flops += recompute_flops_per_token(linear, shape.n_layers, shape.hidden, recipe.seq_len)
-    tps = ASSUMED_MFU * peak_flops / flops
+    # all devices together, as if communication hid behind compute (FSDP prefetches the next layer's all-gather;
+    # DDP overlaps its bucketed all-reduce with backward): an upper bound on a slow interconnect
+    tps = ASSUMED_MFU * peak_flops / flops * devices
     return Prediction(terms, peak, tps, load_peak)
+
+
+def _several_devices(terms: dict[str, int], shape: ModelShape, recipe: Recipe, devices: int, b: int,
+                     grad_bytes: int, trainable: int) -> None:
+    """Per-device terms with ``devices`` processes. DDP (fsdp false): every process holds the whole run, plus
+    DDP's flat gradient buckets (accelerate keeps ``gradient_as_bucket_view`` off: a second copy of every
+    gradient). FSDP: weights, adapters, gradients and optimizer states are sharded 1/N each; what is gathered
+    whole is one unit at a time (a decoder layer, or the root: embeddings, final norm, LM head) in the compute
+    dtype, the next one prefetched, and one unit's unsharded gradient before its reduce-scatter. Mixed precision
+    then casts inside the all-gather, so autocast keeps no weight copies. Written from FSDP2's design, not
+    measured on several GPUs (CPU processes under gloo check the mechanism, not these sizes)."""
+    if not recipe.fsdp:
+        terms["ddp_gradient_buckets"] = trainable * grad_bytes
+        return
+    for key in ("weights", "lora_parameters", "gradients", "optimizer_states"):
+        if key in terms:
+            terms[key] = math.ceil(terms[key] / devices)
+    terms.pop("autocast_weight_copies", None)
+    layer = sum(shape.layer_linear_params().values()) + 2 * shape.hidden
+    root = shape.total_params() - shape.n_layers * layer
+    unit = max(layer, root)
+    terms["fsdp_gathered_units"] = (layer + unit) * b + unit * (grad_bytes if recipe.method in ("full", "bitnet") else 0)
 
 
 # ---------------------------------------------------------------------------------------------- choice
@@ -269,7 +298,7 @@ class Candidate:
         r = self.recipe
         return {"method": r.method, "gradient_checkpointing": r.gradient_checkpointing, "seq_len": r.seq_len,
                 "micro_batch_size": r.micro_batch_size, "grad_accum_steps": r.grad_accum_steps,
-                "optimizer": r.optimizer, "lora_r": r.lora_r if r.method != "full" else None,
+                "optimizer": r.optimizer, "lora_r": r.lora_r if r.method != "full" else None, "fsdp": r.fsdp,
                 "predicted_peak_bytes": self.prediction.peak_bytes,
                 "predicted_tokens_per_second": round(self.prediction.tokens_per_second, 1),
                 "terms": self.prediction.terms, "fits": self.fits}
@@ -285,9 +314,11 @@ class Plan:
     candidates: list[Candidate]
     reason: str
     host_allocator: str = ""  # CPU plans: "jemalloc", "glibc" or "glibc-bounded" (see predict)
+    devices: int = 1  # processes, one per device; budget and peaks are per device
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "device": self.device, "host_allocator": self.host_allocator,
+        return {"model": self.model, "device": self.device, "devices": self.devices,
+                "host_allocator": self.host_allocator,
                 "budget_bytes": self.budget_bytes,
                 "usable_bytes": self.usable_bytes, "safety_margin": SAFETY_MARGIN,
                 "chosen": self.chosen.row() if self.chosen else None, "reason": self.reason,
@@ -296,15 +327,16 @@ class Plan:
 
 def _sort_key(c: Candidate):
     r = c.recipe
-    # best-quality method, then the longest sequence, then no checkpointing (it costs a recomputed
-    # forward, ~1/3 more compute) if it fits, then the largest micro-batch, then the faster optimizer
-    return (METHOD_QUALITY[r.method], r.seq_len, not r.gradient_checkpointing, r.micro_batch_size,
+    # best-quality method, then the longest sequence, then no sharding (its all-gathers cost time) and no
+    # checkpointing (a recomputed forward, ~1/3 more compute) if they are not needed, then the largest
+    # micro-batch, then the faster optimizer
+    return (METHOD_QUALITY[r.method], r.seq_len, not r.fsdp, not r.gradient_checkpointing, r.micro_batch_size,
             r.optimizer == "adamw")
 
 
-def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora")) -> list[Recipe]:
-    """The grid the planner searches: method x checkpointing x seq_len (halving) x micro-batch x optimizer,
-    keeping the base recipe's effective batch (micro-batch x accumulation)."""
+def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora"), devices: int = 1) -> list[Recipe]:
+    """The grid the planner searches: method x sharding (several devices) x checkpointing x seq_len (halving) x
+    micro-batch x optimizer, keeping the base recipe's effective batch (micro-batch x accumulation x devices)."""
     effective = base.effective_batch_size
     # compute dtype per device: bf16 on a GPU; fp32 on a CPU, where bf16 matmuls are much slower without
     # native support (AVX-512 BF16 / AMX)
@@ -318,19 +350,17 @@ def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora
     out = []
     for method in methods:
         optimizers = ["adamw"] + (["adamw_8bit"] if device.startswith("cuda") else [])
-        for gc in (False, True):
-            for seq in seqs:
-                for mb in (8, 4, 2, 1):
-                    if mb > effective:
-                        continue
-                    for opt in optimizers:
-                        values = {**base.to_dict(), **METHOD_DEFAULTS[method], "method": method,
-                                  "gradient_checkpointing": gc, "seq_len": seq, "micro_batch_size": mb,
-                                  "grad_accum_steps": max(1, math.ceil(effective / mb)), "optimizer": opt,
-                                  "dtype": dtype, "name": f"planned-{method}",
-                                  # a teacher is BitNet's alone (Recipe refuses it elsewhere)
-                                  **({} if method == "bitnet" else {"distill_weight": 0.0})}
-                        out.append(Recipe(**values))
+        shardings = (False, True) if devices > 1 and method in ("full", "lora") else (False,)
+        for fsdp, gc, seq, mb, opt in itertools.product(shardings, (False, True), seqs, (8, 4, 2, 1), optimizers):
+            if mb * devices > effective and mb > 1:
+                continue
+            values = {**base.to_dict(), **METHOD_DEFAULTS[method], "method": method, "fsdp": fsdp,
+                      "gradient_checkpointing": gc, "seq_len": seq, "micro_batch_size": mb,
+                      "grad_accum_steps": max(1, math.ceil(effective / (mb * devices))), "optimizer": opt,
+                      "dtype": dtype, "name": f"planned-{method}",
+                      # a teacher is BitNet's alone (Recipe refuses it elsewhere)
+                      **({} if method == "bitnet" else {"distill_weight": 0.0})}
+            out.append(Recipe(**values))
     return out
 
 
@@ -339,11 +369,15 @@ def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora
 CUDA_DECLARED_FLOPS = 80e12
 
 
-def plan_for(model: str | None, budget: str | None, device: str, base: Recipe, allocator: str | None = "fit") -> Plan:
+def plan_for(model: str | None, budget: str | None, device: str, base: Recipe, allocator: str | None = "fit",
+             devices: int = 1) -> Plan:
     """Plan from what a user types: the one path of `qtrain plan`, `qtrain fit --budget` and `qtrain bench
     --budget`, so they rank alike. Resolves the device and its memory, the budget (default: the device's memory
     less a margin), the FLOP/s (measured on a CPU, declared for CUDA) and the host allocator: ``"fit"`` predicts
-    for the one `qtrain fit` would run on, None for this process's."""
+    for the one `qtrain fit` would run on, None for this process's. ``devices``: processes, one per device, each
+    with ``budget`` (several devices of one kind)."""
+    if devices < 1:
+        raise BudgetError(f"--devices {devices} must be at least 1")
     budget_bytes = parse_bytes(budget) if budget else None
     if device == "cuda" and budget_bytes is not None:
         dev, memory = "cuda", None  # planning for a GPU with a budget: no need to import torch (plan answers fast)
@@ -366,17 +400,17 @@ def plan_for(model: str | None, budget: str | None, device: str, base: Recipe, a
             from qtrain.measure import fit_allocator
 
             allocator = fit_allocator()
-    return plan_recipe(shape, budget_bytes, dev, base, flops, allocator=allocator)
+    return plan_recipe(shape, budget_bytes, dev, base, flops, allocator=allocator, devices=devices)
 
 
 def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe, peak_flops: float = 168e9,
-                methods=("full", "lora", "qlora"), allocator: str | None = None) -> Plan:
-    """Rank the candidates that fit ``budget_bytes`` (minus a safety margin) and pick one, or say why none does.
-    ``allocator``: the host allocator the training process will run on (see predict)."""
+                methods=("full", "lora", "qlora"), allocator: str | None = None, devices: int = 1) -> Plan:
+    """Rank the candidates that fit ``budget_bytes`` per device (minus a safety margin) and pick one, or say why
+    none does. ``allocator``: the host allocator the training process will run on (see predict)."""
     usable = int(budget_bytes * (1 - SAFETY_MARGIN))
     cands = []
-    for r in candidate_recipes(base, device, methods):
-        pred = predict(shape, r, device, peak_flops, allocator)
+    for r in candidate_recipes(base, device, methods, devices):
+        pred = predict(shape, r, device, peak_flops, allocator, devices)
         cands.append(Candidate(r, pred, pred.peak_bytes <= usable))
     fitting = sorted((c for c in cands if c.fits), key=_sort_key, reverse=True)
     if not fitting:
@@ -384,7 +418,8 @@ def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe,
         need = smallest.prediction.peak_bytes / (1 - SAFETY_MARGIN)
         r = smallest.recipe
         raise BudgetError(
-            f"budget {format_bytes(budget_bytes)} is below the smallest recipe for {shape.name} on {device}: "
+            f"budget {format_bytes(budget_bytes)} is below the smallest recipe for {shape.name} on {device}"
+            f"{f' x {devices} (sharded with FSDP)' if r.fsdp else ''}: "
             f"{r.method} r={r.lora_r} seq {r.seq_len} micro-batch {r.micro_batch_size}"
             f"{' with checkpointing' if r.gradient_checkpointing else ''} needs {format_bytes(smallest.prediction.peak_bytes)} "
             f"predicted (+{SAFETY_MARGIN:.0%} margin); try --budget {math.ceil(need / GiB * 10) / 10:g}GB or a smaller model",
@@ -397,11 +432,17 @@ def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe,
         why.append(f"({', '.join(better)} would need more than {format_bytes(usable)})")
     if r.seq_len < base.seq_len:
         why.append(f"at seq_len {r.seq_len} (the target {base.seq_len} does not fit)")
+    if r.fsdp:
+        why.append(f"sharded over {devices} devices with FSDP (each would have to hold "
+                   f"{format_bytes(predict(shape, r.replace(fsdp=False), device, peak_flops, allocator, devices).peak_bytes)}"
+                   " as DDP replicas)")
+    elif devices > 1:
+        why.append(f"replicated on {devices} devices (DDP; no sharding needed)")
     if r.gradient_checkpointing:
         why.append("with gradient checkpointing (needed to fit)")
     reason = " ".join(why)
     return Plan(shape.name, device, budget_bytes, usable, chosen, fitting, reason,
-                "" if device.startswith("cuda") else host_heap(allocator))
+                "" if device.startswith("cuda") else host_heap(allocator), devices)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -471,18 +512,23 @@ def default_budget(device: str, memory: int | None) -> int:
 def render_plan(plan: Plan, limit: int = 12) -> str:
     """A ranked table of what fits, the terms of the pick, and why."""
     heap = f" (host allocator: {plan.host_allocator})" if plan.host_allocator else ""
-    lines = [f"plan for {plan.model} on {plan.device}{heap}: budget {format_bytes(plan.budget_bytes)}, usable "
-             f"{format_bytes(plan.usable_bytes)} after a {SAFETY_MARGIN:.0%} safety margin", "",
-             f"{'#':>3}  {'method':6} {'ckpt':4} {'seq':>5} {'batch':>7} {'optimizer':10} {'peak':>10} {'tok/s':>8}"]
+    several = plan.devices > 1
+    per = " per device" if several else ""
+    lines = [f"plan for {plan.model} on {plan.device}{f' x {plan.devices}' if several else ''}{heap}: budget "
+             f"{format_bytes(plan.budget_bytes)}{per}, usable {format_bytes(plan.usable_bytes)} after a "
+             f"{SAFETY_MARGIN:.0%} safety margin", "",
+             f"{'#':>3}  {'method':6} {'fsdp ' if several else ''}{'ckpt':4} {'seq':>5} {'batch':>7} {'optimizer':10} "
+             f"{'peak':>10} {'tok/s':>8}"]
     for i, c in enumerate(plan.candidates[:limit], 1):
         r = c.recipe
-        lines.append(f"{i:>3}  {r.method:6} {'yes' if r.gradient_checkpointing else 'no':4} {r.seq_len:>5} "
+        shard = f"{'yes' if r.fsdp else 'no':5}" if several else ""
+        lines.append(f"{i:>3}  {r.method:6} {shard}{'yes' if r.gradient_checkpointing else 'no':4} {r.seq_len:>5} "
                      f"{f'{r.micro_batch_size}x{r.grad_accum_steps}':>7} {r.optimizer:10} "
                      f"{format_bytes(c.prediction.peak_bytes):>10} {c.prediction.tokens_per_second:>8.0f}")
     if len(plan.candidates) > limit:
         lines.append(f"     ... {len(plan.candidates) - limit} more that fit")
     c = plan.chosen
-    lines += ["", f"chosen: #1 {plan.reason}", "predicted peak memory, by term:"]
+    lines += ["", f"chosen: #1 {plan.reason}", f"predicted peak memory{per}, by term:"]
     for k, v in c.prediction.terms.items():
         lines.append(f"  {k:20s} {format_bytes(v):>10}")
     lines.append(f"  {'total':20s} {format_bytes(c.prediction.peak_bytes):>10}")

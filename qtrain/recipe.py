@@ -103,6 +103,10 @@ class Recipe:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_teacher_dtype: Dtype = "float32"
+    # Under several processes (accelerate launch): shard weights, gradients and optimizer states across them
+    # (FSDP2 through accelerate) instead of holding a replica on each (DDP). What lets a run that one device cannot
+    # hold train on several; it costs an all-gather of each layer's weights per forward and backward.
+    fsdp: bool = False
     # bookkeeping
     log_every: int = 1
     eval_every: int = 0
@@ -137,6 +141,9 @@ class Recipe:
             raise RecipeError(f"recipe key 'distill_weight' is {self.distill_weight!r} with method={self.method}: "
                               "distillation from the model before training is for method=bitnet (the teacher is "
                               "the full-precision model); set distill_weight=0 or method=bitnet")
+        if self.fsdp and self.method not in ("full", "lora"):
+            raise RecipeError(f"recipe key 'fsdp' is true with method={self.method}: sharding is written for full "
+                              "and lora; set fsdp=false (DDP replicates the model on each device) or use one of those")
         if self.min_file_bytes >= self.max_file_bytes:
             raise RecipeError(
                 f"recipe key 'min_file_bytes' ({self.min_file_bytes}) must be below 'max_file_bytes' ({self.max_file_bytes})")

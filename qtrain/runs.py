@@ -126,9 +126,10 @@ def _move_into(tmp: Path, run_dir: Path) -> None:
     tmp.rmdir()
 
 
-def save_final(model, tokenizer, run_dir: Path, recipe) -> None:
+def save_final(model, tokenizer, run_dir: Path, recipe, state_dict: dict | None = None) -> None:
     """Save the trained model in Hugging Face format: a PEFT adapter, the full model, or (bitnet) the packed
-    ternary model that transformers' BitNet support loads."""
+    ternary model that transformers' BitNet support loads. ``state_dict``: the whole model's state when the
+    model itself holds shards (FSDP, see qtrain/sharding.py)."""
     tmp = make_tmp_dir(run_dir / "final")
     try:
         if recipe.method == "bitnet":
@@ -137,7 +138,8 @@ def save_final(model, tokenizer, run_dir: Path, recipe) -> None:
             bitnet.save_packed(model, tokenizer, tmp, recipe.bitnet_rms_norm or bitnet.has_rms_norm(model),
                                getattr(model.config, "rms_norm_eps", 1e-6))
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
             tokenizer.save_pretrained(tmp)
         _move_into(tmp, run_dir)
     except BaseException:

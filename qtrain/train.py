@@ -26,13 +26,14 @@ from qtrain.data.pack import IGNORE, ensure_fim_tokens, pack, tokenize_documents
 from qtrain.flops import forward_flops_per_token
 from qtrain.io import atomic_write_json
 from qtrain.loss import Teacher, forward_loss_sum, fused_head
-from qtrain.measure import (bound_heap_retention, current_rss_bytes, heap_allocator, lr_at, machine_info,
-                            matmul_flops, mfu, peak_flops, peak_memory_bytes, tokens_per_second,
+from qtrain.measure import (bound_heap_retention, cuda_memory_detail, current_rss_bytes, heap_allocator, lr_at,
+                            machine_info, matmul_flops, mfu, peak_flops, peak_memory_bytes, tokens_per_second,
                             train_flops_per_token, trim_heap)
 from qtrain.methods import count_parameters, prepare_model, quantization_config
 from qtrain.models import ModelSource, load_model, load_tokenizer, resolve_model_source
 from qtrain.plan import ASSUMED_MFU
 from qtrain.recipe import Recipe, RecipeError, save_recipe
+from qtrain import sharding
 from qtrain.runs import RUN_MARKER, is_run_dir, save_final
 from qtrain.errors import QtrainError
 
@@ -136,11 +137,19 @@ def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, micro_batch: int, a
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for start in range(rank * micro_batch, len(ids), world * micro_batch):
+    # every process runs the same number of forwards (a sharded model all-gathers in each one); a process whose
+    # slice has run out repeats the first batch and does not count it
+    rounds = math.ceil(len(ids) / (world * micro_batch))
+    for i in range(rounds):
+        start = (i * world + rank) * micro_batch
+        counted = start < len(ids)
+        start = start if counted else 0
         x = ids[start:start + micro_batch].to(accelerator.device)
         y = labels[start:start + micro_batch].to(accelerator.device)
-        total[0] += forward_loss_sum(model, unwrapped or model, x, y, head).double()
-        total[1] += count_target_tokens(y)
+        loss = forward_loss_sum(model, unwrapped or model, x, y, head).double()
+        if counted:
+            total[0] += loss
+            total[1] += count_target_tokens(y)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
@@ -345,6 +354,14 @@ class _Training:
                  f"{recipe.micro_batch_size} x {recipe.grad_accum_steps} x {self.world} process(es) = "
                  f"{recipe.effective_batch_size * self.world} sequences = {self.tokens_per_step:,} tokens per step")
 
+        self.sharded = sharding.wanted(recipe, self.world)
+        if recipe.fsdp and not self.sharded:
+            self.say("fsdp=true in a single process: nothing to shard over, so the model is trained unsharded")
+        if self.sharded:
+            units = sharding.shard(net, self.device, self.world,
+                                   getattr(torch, recipe.dtype) if recipe.dtype != "float32" else None)
+            self.say(f"FSDP: weights, gradients and optimizer states sharded over {self.world} processes "
+                     f"({units} units: the decoder layers and the rest of the model)")
         self.params = [p for p in net.parameters() if p.requires_grad]
         groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": recipe.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
@@ -356,9 +373,15 @@ class _Training:
             s, base_lr=1.0, warmup_steps=min(recipe.warmup_steps, max(1, self.horizon // 2)),
             max_steps=self.horizon, min_lr_ratio=recipe.min_lr_ratio))
         net.train()
-        self.net, self.optimizer = accelerator.prepare(net, optimizer)
-        self.unwrapped = accelerator.unwrap_model(self.net)
-        self.head = fused_head(self.unwrapped) if recipe.fused_cross_entropy else None
+        if self.sharded:
+            # the model is already sharded (no DDP wrapper); the LM head's weight is a shard outside the model's
+            # own forward, so the loss runs through the full forward instead of the fused head
+            self.net, self.optimizer = net, accelerator.prepare(optimizer)
+            self.unwrapped, self.head = net, None
+        else:
+            self.net, self.optimizer = accelerator.prepare(net, optimizer)
+            self.unwrapped = accelerator.unwrap_model(self.net)
+            self.head = fused_head(self.unwrapped) if recipe.fused_cross_entropy else None
 
         self.step, self.train_seconds, self.train_tokens = 0, 0.0, 0
         self.val_before: float | None = None
@@ -482,8 +505,9 @@ class _Training:
         if self.world > 1:
             peak = int(self.accelerator.reduce(torch.tensor([peak], device=self.device), reduction="max").item())
         summary = self._summary(val_after, peak, heap_bounded, extra_summary)
+        whole = sharding.full_state_dict(self.unwrapped) if self.sharded else None  # every process gathers
         if self.accelerator.is_main_process:
-            save_final(self.unwrapped, self.tokenizer, self.run_dir, self.recipe)
+            save_final(self.unwrapped, self.tokenizer, self.run_dir, self.recipe, state_dict=whole)
             atomic_write_json(self.run_dir / "summary.json", summary)
             self.say(f"done: {self.step} steps, {self.train_tokens:,} tokens at {summary['tokens_per_second']:.1f} "
                      f"tokens/s (MFU {summary['mfu']:.1%}), validation perplexity "
@@ -520,7 +544,9 @@ class _Training:
         try:
             for micro, (x, y) in enumerate(batches):
                 last = micro == shape.accum - 1
-                with contextlib.nullcontext() if last or self.world == 1 else accel.no_sync(self.net):
+                if self.sharded:  # reduce-scatter gradients on the last micro-batch only, as DDP's no_sync does
+                    self.net.set_requires_gradient_sync(last)
+                with contextlib.nullcontext() if last or self.world == 1 or self.sharded else accel.no_sync(self.net):
                     loss = forward_loss_sum(self.net, self.unwrapped, x.to(device), y.to(device), self.head,
                                             self.teacher)
                     accel.backward(loss * scale)
@@ -535,7 +561,8 @@ class _Training:
             return None
         grad_norm = None
         if self.recipe.max_grad_norm > 0:
-            grad_norm = float(accel.clip_grad_norm_(self.params, self.recipe.max_grad_norm))
+            norm = accel.clip_grad_norm_(self.params, self.recipe.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if sharding.is_sharded(norm) else norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -605,19 +632,37 @@ class _Training:
     def save(self, at_step: int, collective: bool = True) -> None:
         # every rank's RNG (dropout) goes into the checkpoint, so a resumed run draws the same masks; after
         # Ctrl-C the other processes may be gone, so only this process's state is saved then
+        if self.sharded and not collective:
+            # each process holds only its shards, and the others may be gone: the last complete checkpoint stands
+            self.say(f"a sharded run saves checkpoints only with every process; step {at_step} is not saved")
+            return
         if self.world > 1 and collective:
             from accelerate.utils import gather_object
             rngs = dict(enumerate(gather_object([ckpt.get_rng_state()])))
         else:
             rngs = {0: ckpt.get_rng_state()}
-        if self.accelerator.is_main_process:
-            state = {"model": self.source.name, "world_size": self.world, "recipe": self.recipe.to_dict(),
-                     "data_fingerprint": self.packed.report["fingerprint"], "train_seconds": self.train_seconds,
-                     "train_tokens": self.train_tokens, "horizon_steps": self.horizon,
-                     "val_loss_before": self.val_before, **self.shape.state()}
+        state = {"model": self.source.name, "world_size": self.world, "recipe": self.recipe.to_dict(),
+                 "data_fingerprint": self.packed.report["fingerprint"], "train_seconds": self.train_seconds,
+                 "train_tokens": self.train_tokens, "horizon_steps": self.horizon,
+                 "val_loss_before": self.val_before, "sharded": self.sharded, **self.shape.state()}
+        if self.sharded:
+            self._save_sharded(at_step, state, rngs)
+        elif self.accelerator.is_main_process:
             ckpt.save_checkpoint(self.run_dir, at_step, self.unwrapped, self.optimizer, self.scheduler, state, rngs)
         if collective:
             self.accelerator.wait_for_everyone()
+
+    def _save_sharded(self, at_step: int, state: dict[str, Any], rngs: dict[int, dict]) -> None:
+        """Every process writes its shards into the main process's temporary directory; the main process then
+        completes and renames it (so a crash midway leaves the previous checkpoint as it was)."""
+        from accelerate.utils import broadcast_object_list
+
+        holder = [str(ckpt.begin_checkpoint(self.run_dir, at_step)) if self.accelerator.is_main_process else None]
+        tmp = Path(broadcast_object_list(holder, from_process=0)[0])
+        ckpt.write_model_files(tmp, self.unwrapped, self.optimizer, rank=self.rank)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.finish_checkpoint(self.run_dir, at_step, tmp, self.scheduler, state, rngs)
 
     def _summary(self, val_after: float, peak: int, heap_bounded: bool,
                  extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -627,6 +672,7 @@ class _Training:
             "method": recipe.method, "recipe": recipe.name, "model": self.source.name, "steps": self.step,
             "train_tokens": self.train_tokens, "tokens_per_second": round(tps, 2),
             "mfu": round(mfu(tps / self.world, self.flops_tok, self.ceiling), 4), "peak_memory_bytes": peak,
+            "cuda_memory": cuda_memory_detail(self.device),
             "wall_seconds": round(time.perf_counter() - self.t_start, 2), "train_seconds": round(self.train_seconds, 2),
             "val_loss_before": round(self.val_before, 5), "val_loss_after": round(val_after, 5),
             "val_perplexity_before": round(math.exp(self.val_before), 4),
@@ -639,7 +685,7 @@ class _Training:
             "memory_limit_bytes": self.memory_limit_bytes, "backoffs": self.shape.history,
             "micro_batch_size_final": self.shape.micro_batch, "grad_accum_steps_final": self.shape.accum,
             "world_size": self.world, "device": str(self.device), "machine": machine_info(), "versions": _versions(),
-            "mixed_precision": self.accelerator.mixed_precision,
+            "mixed_precision": self.accelerator.mixed_precision, "sharded": self.sharded,
             # with a teacher the logged training loss is the distillation objective; validation is cross-entropy
             "distill": ({"weight": recipe.distill_weight, "temperature": recipe.distill_temperature,
                          "teacher_dtype": recipe.distill_teacher_dtype} if self.teacher else None),

@@ -216,3 +216,55 @@ def test_the_planner_knows_the_distillation_teacher():
     assert "teacher_weights" not in plain.terms and fp32.peak_bytes > bf16.peak_bytes > plain.peak_bytes
     # one more forward pass per token: slower by about a third of a full step
     assert 1.2 < plain.tokens_per_second / fp32.tokens_per_second < 1.45
+
+
+def test_several_devices_shard_with_fsdp_only_when_one_device_cannot_hold_the_run():
+    from qtrain.plan import model_shape, plan_recipe, predict
+    from qtrain.recipe import Recipe
+
+    shape = model_shape("Qwen/Qwen2.5-Coder-1.5B")
+    full = Recipe(method="full", dtype="bfloat16", seq_len=1024, micro_batch_size=1, grad_accum_steps=8,
+                  gradient_checkpointing=True)
+    one = predict(shape, full, "cuda")
+    ddp = predict(shape, full, "cuda", devices=4)
+    fsdp = predict(shape, full.replace(fsdp=True), "cuda", devices=4)
+    # DDP: the whole run on every device, plus its gradient buckets; 4x the tokens/s
+    assert {k: v for k, v in ddp.terms.items() if k not in ("ddp_gradient_buckets", "runtime_overhead")} == \
+        {k: v for k, v in one.terms.items() if k != "runtime_overhead"}
+    assert ddp.terms["ddp_gradient_buckets"] == one.terms["gradients"]
+    assert ddp.tokens_per_second == pytest.approx(4 * one.tokens_per_second)
+    # FSDP: weights, gradients and optimizer states a quarter each, one gathered unit at a time
+    for key in ("weights", "gradients", "optimizer_states"):
+        assert fsdp.terms[key] == pytest.approx(one.terms[key] / 4, rel=1e-6)
+    assert "autocast_weight_copies" not in fsdp.terms and fsdp.terms["fsdp_gathered_units"] > 0
+    assert fsdp.peak_bytes < 0.5 * one.peak_bytes
+    # 16 GB devices: full fine-tuning fits only sharded, so the plan shards; 80 GB: it replicates
+    base = Recipe(seq_len=1024, micro_batch_size=1, grad_accum_steps=8)
+    small = plan_recipe(shape, 16 * 2**30, "cuda", base, devices=4)
+    assert small.chosen.recipe.method == "full" and small.chosen.recipe.fsdp
+    assert "sharded over 4 devices" in small.reason
+    big = plan_recipe(shape, 80 * 2**30, "cuda", base, devices=4)
+    assert big.chosen.recipe.method == "full" and not big.chosen.recipe.fsdp
+    # one device of 16 GB cannot train it fully at all
+    assert plan_recipe(shape, 16 * 2**30, "cuda", base).chosen.recipe.method != "full"
+
+
+def test_plan_devices_cli_gives_a_plan_and_its_terms():
+    proc = subprocess.run([sys.executable, "-m", "qtrain", "plan", "--devices", "4", "--budget", "24GB", "--model",
+                           "meta-llama/Llama-3.1-8B", "--device", "cuda", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["devices"] == 4 and out["chosen"]["predicted_peak_bytes"] <= 24 * 2**30 * 0.9
+    assert out["chosen"]["terms"]["weights"] > 0 and "fsdp" in out["chosen"]
+    bad = subprocess.run([sys.executable, "-m", "qtrain", "plan", "--devices", "0", "--budget", "24GB", "--device",
+                          "cuda"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--devices 0" in bad.stderr
+
+
+def test_fsdp_is_refused_where_it_is_not_written():
+    from qtrain.recipe import Recipe, RecipeError
+
+    for method in ("bitnet", "qlora"):
+        with pytest.raises(RecipeError, match="fsdp"):
+            Recipe(method=method, fsdp=True)
