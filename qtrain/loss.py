@@ -121,9 +121,19 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters or not hasattr(base, "get_decoder"):
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters or decoder_of(base) is None:
         return None
     return head
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the last hidden states (``model.model`` for Llama, ``model.gpt_neox`` for
+    GPT-NeoX), or None. ``get_decoder()`` is not enough: for a family that does not define it, transformers'
+    default answers with the causal-LM model itself, whose output is the logits."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "base_model", None)
+    return None if decoder is None or decoder is model else decoder
 
 
 @dataclass
@@ -168,7 +178,7 @@ def _decoder_output(net: nn.Module, model: nn.Module, input_ids: torch.Tensor) -
         captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hook = base.get_decoder().register_forward_hook(grab)
+    hook = decoder_of(base).register_forward_hook(grab)
     try:
         net(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:

@@ -124,3 +124,32 @@ def test_lora_dropout_is_swapped_and_training_matches_logits_path(tiny_model_dir
     torch.testing.assert_close(a, b)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2", "mistral", "gpt2"])
+def test_fused_loss_matches_the_logits_path_across_families(family):
+    """The fused head finds each family's decoder (GPT-NeoX has no get_decoder of its own: transformers' default
+    answers with the causal-LM model itself) and gives the logits path's loss and gradients."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtrain.loss import forward_loss_sum
+
+    extra = {"n_embd": 32, "n_layer": 2, "n_head": 4} if family == "gpt2" else {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    if family in ("llama", "qwen2", "mistral"):
+        extra["num_key_value_heads"] = 2
+    cfg = AutoConfig.for_model(family, vocab_size=96, tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    head = fused_head(model)
+    assert head is not None, family
+    ids = torch.randint(0, 96, (2, 12))
+    params = [p for p in model.parameters() if p.requires_grad]
+    a = forward_loss_sum(model, model, ids, ids, None)
+    ga = torch.autograd.grad(a, params, allow_unused=True)
+    b = forward_loss_sum(model, model, ids, ids, head)
+    gb = torch.autograd.grad(b, params, allow_unused=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
