@@ -329,3 +329,42 @@ def test_a_time_limit_shapes_the_horizon(tmp_path, tiny_model_dir, code_dir):
     assert (tmp_path / "short" / "adapter_model.safetensors").is_file()
     long = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "long", time_limit_s=3600)
     assert long["planned_steps"] == 3 and long["steps"] == 3 and not long["stopped_for_time"]
+
+
+def test_resident_memory_guard_backs_off_a_run_the_planner_under_predicted(tmp_path, tiny_model_dir, code_dir,
+                                                                           monkeypatch):
+    """`fit --budget` on a CPU enforces the budget at run time too. Here the planner is made to under-predict
+    (every prediction a tenth of itself), so it picks micro-batch 4; resident memory is simulated as growing with
+    the sequences in flight so that micro-batch 4 is over the budget and 2 is under. The run backs off once,
+    keeps the effective batch and finishes."""
+    from qtrain import cli, plan, train
+    from qtrain.plan import Prediction
+
+    real_predict = plan.predict
+
+    def under(*a, **k):
+        p = real_predict(*a, **k)
+        return Prediction({n: v // 10 for n, v in p.terms.items()}, p.peak_bytes // 10, p.tokens_per_second,
+                          p.load_peak_bytes // 10)
+
+    monkeypatch.setattr(plan, "predict", under)
+    budget = 4 * 2**30
+    in_flight = {"n": 0}
+    real_loss = train.forward_loss_sum
+
+    def counting(net, unwrapped, x, *rest):
+        in_flight["n"] = x.shape[0]
+        return real_loss(net, unwrapped, x, *rest)
+
+    monkeypatch.setattr(train, "forward_loss_sum", counting)
+    monkeypatch.setattr(train, "current_rss_bytes", lambda: int(budget * (0.5 + 0.2 * in_flight["n"])))
+    out = tmp_path / "guarded"
+    code = cli.main(["fit", "--budget", "4GB", "--device", "cpu", "--model", str(tiny_model_dir), "--data",
+                     str(code_dir), "-o", str(out), "--max-steps", "2", "seq_len=64", "micro_batch_size=4",
+                     "grad_accum_steps=1", "warmup_steps=1", "val_max_sequences=4", "save_every=0"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted_peak_bytes"] < budget  # what the (under-predicting) planner promised
+    assert summary["memory_limit_bytes"] == budget
+    assert [(b["micro_batch_size"], b["grad_accum_steps"]) for b in summary["backoffs"]] == [(2, 2)]
+    assert summary["micro_batch_size_final"] == 2 and summary["steps"] == 2
