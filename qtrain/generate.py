@@ -149,7 +149,7 @@ def _growing_layer(keys: torch.Tensor, values: torch.Tensor, spare: int):
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
             self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
 
-        def update(self, key_states, value_states, cache_kwargs=None):
+        def update(self, key_states, value_states, *args, **kwargs):  # 4.57 passes cache_kwargs, 5.x **kwargs
             n = key_states.shape[-2]
             if self._n + n > self._k.shape[2]:
                 self.fill(self.keys, self.values, max(64, self._n))

@@ -202,33 +202,7 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         terms["teacher_forward"] = tokens * (shape.hidden * 4 + (2 * shape.hidden + 2 * shape.intermediate) * teacher_b)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     heap = host_heap(allocator) if kind == "cpu" else "device"
-    # Full fine-tuning, one micro-batch per step, no checkpointing: backward frees each layer's saved tensors as
-    # it produces that layer's gradients, so the peak is at the start of backward, beside the LM head's gradient
-    # (produced first) and only part of the rest: on a CPU, the share that freed activation memory does not
-    # take back (FULL_GRADIENT_OVERLAP x the activations, at most all of them).
-    full_overlap = (heap in FULL_GRADIENT_OVERLAP and recipe.method in ("full", "bitnet")
-                    and not recipe.gradient_checkpointing and recipe.grad_accum_steps <= 1)
-    if full_overlap:
-        head_grad = min(terms["gradients"], shape.vocab * shape.hidden * grad_bytes)
-        rest = terms["gradients"] - head_grad
-        terms["gradients"] = head_grad + min(rest, int(FULL_GRADIENT_OVERLAP[heap] * terms["activations"]))
-    if heap == "glibc" and not full_overlap:
-        # with checkpointing the retained heap still scales with the activations a non-checkpointed step would
-        # have made (the recomputed layers free and re-allocate the same sizes)
-        full_acts = shape.n_layers * one_layer
-        share = ALLOCATOR_RETENTION_CHECKPOINTED if recipe.gradient_checkpointing else ALLOCATOR_RETENTION
-        retained = share * full_acts
-        if recipe.method in ("full", "bitnet"):
-            # the long-lived optimizer states, and with one micro-batch per step the gradients (allocated during
-            # backward, freed at the step), settle into the freed activation memory: no excess while they are
-            # larger (full 4x256 and 1x512 measured within 4-8%). With accumulation the gradients stay live through
-            # the next micro-batch's forward and fill nothing: full 4x512 x2 peaked at 6.80-6.92 GiB (the README
-            # command), 6.73 predicted; 5.84-5.87 GiB at 4x512 x1, 6.27 predicted.
-            retained -= terms["optimizer_states"]
-            if recipe.grad_accum_steps <= 1:
-                retained -= terms["gradients"]
-        if retained > 0:
-            terms["allocator_retention"] = int(retained)
+    _host_heap_terms(terms, shape, recipe, heap, one_layer, grad_bytes)
     if kind == "cpu" and recipe.method == "qlora":
         # bitsandbytes quantises on a CPU from fp32 weights loaded first; their pages stay resident (measured:
         # QLoRA's peak RSS was LoRA's plus 0.08-0.44 GiB on the default model, not 0.34 GiB less)
@@ -257,6 +231,39 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # DDP overlaps its bucketed all-reduce with backward): an upper bound on a slow interconnect
     tps = ASSUMED_MFU * peak_flops / flops * devices
     return Prediction(terms, peak, tps, load_peak)
+
+
+def _host_heap_terms(terms: dict[str, int], shape: ModelShape, recipe: Recipe, heap: str, one_layer: int,
+                     grad_bytes: int) -> None:
+    """What a CPU process's C allocator adds to, or takes from, the tensors' sum (see ALLOCATOR_RETENTION and
+    FULL_GRADIENT_OVERLAP; measured in benchmarks/memory_calibration.py)."""
+    # Full fine-tuning, one micro-batch per step, no checkpointing: backward frees each layer's saved tensors as
+    # it produces that layer's gradients, so the peak is at the start of backward, beside the LM head's gradient
+    # (produced first) and only part of the rest: on a CPU, the share that freed activation memory does not
+    # take back (FULL_GRADIENT_OVERLAP x the activations, at most all of them).
+    full_overlap = (heap in FULL_GRADIENT_OVERLAP and recipe.method in ("full", "bitnet")
+                    and not recipe.gradient_checkpointing and recipe.grad_accum_steps <= 1)
+    if full_overlap:
+        head_grad = min(terms["gradients"], shape.vocab * shape.hidden * grad_bytes)
+        rest = terms["gradients"] - head_grad
+        terms["gradients"] = head_grad + min(rest, int(FULL_GRADIENT_OVERLAP[heap] * terms["activations"]))
+    if heap == "glibc" and not full_overlap:
+        # with checkpointing the retained heap still scales with the activations a non-checkpointed step would
+        # have made (the recomputed layers free and re-allocate the same sizes)
+        full_acts = shape.n_layers * one_layer
+        share = ALLOCATOR_RETENTION_CHECKPOINTED if recipe.gradient_checkpointing else ALLOCATOR_RETENTION
+        retained = share * full_acts
+        if recipe.method in ("full", "bitnet"):
+            # the long-lived optimizer states, and with one micro-batch per step the gradients (allocated during
+            # backward, freed at the step), settle into the freed activation memory: no excess while they are
+            # larger (full 4x256 and 1x512 measured within 4-8%). With accumulation the gradients stay live through
+            # the next micro-batch's forward and fill nothing: full 4x512 x2 peaked at 6.80-6.92 GiB (the README
+            # command), 6.73 predicted; 5.84-5.87 GiB at 4x512 x1, 6.27 predicted.
+            retained -= terms["optimizer_states"]
+            if recipe.grad_accum_steps <= 1:
+                retained -= terms["gradients"]
+        if retained > 0:
+            terms["allocator_retention"] = int(retained)
 
 
 def _several_devices(terms: dict[str, int], shape: ModelShape, recipe: Recipe, devices: int, b: int,

@@ -41,7 +41,10 @@ def ensure_fim_tokens(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     missing = [t for t in FIM_TOKENS if t not in vocab]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        try:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        except TypeError:  # transformers 5 calls the list extra_special_tokens
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
     return [tokenizer.convert_tokens_to_ids(t) for t in missing]
 
 
