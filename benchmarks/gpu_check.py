@@ -18,7 +18,6 @@ with the device figure, and its body (without ``runtime_overhead``) with peak al
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
