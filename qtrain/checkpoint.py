@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qtrain.io import atomic_write_json, atomic_write_text, make_tmp_dir, replace_dir
+from qtrain.sharding import local, optimizer_state_local, optimizer_state_sharded
 from qtrain.errors import QtrainError
 
 FORMAT = 1
@@ -56,7 +57,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             # under FSDP, this process's shard (see qtrain/sharding.py)
-            out[name] = (p.to_local() if hasattr(p, "to_local") else p).detach().contiguous().cpu()
+            out[name] = local(p).detach().contiguous().cpu()
     return out
 
 
@@ -94,8 +95,6 @@ def write_model_files(tmp: Path, model: nn.Module, optimizer, rank: int | None =
     save_file(trainable_state(model), str(tmp / weights))
     opt_state = optimizer.state_dict()
     if rank is not None:
-        from qtrain.sharding import optimizer_state_local
-
         opt_state = optimizer_state_local(opt_state)
     torch.save(opt_state, tmp / opt)
 
@@ -229,7 +228,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: in
                               f"{unexpected[:3]}; was it made with another method or model?")
     with torch.no_grad():
         for name, tensor in weights.items():
-            target = params[name].to_local() if hasattr(params[name], "to_local") else params[name]
+            target = local(params[name])
             if target.shape != tensor.shape:
                 raise CheckpointError(f"checkpoint {ckpt}: {name} has shape {tuple(tensor.shape)}, the model has "
                                       f"{tuple(target.shape)}")
@@ -244,8 +243,6 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer, scheduler, rank: in
                                 f"({exc.__class__.__name__}: {str(exc)[:200]})") from None
     try:
         if sharded:
-            from qtrain.sharding import optimizer_state_sharded
-
             optimizer_state = optimizer_state_sharded(optimizer_state, optimizer)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)

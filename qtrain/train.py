@@ -131,18 +131,20 @@ def _fingerprint(*tensors: torch.Tensor) -> str:
 
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, micro_batch: int, accelerator, head=None,
-             unwrapped=None) -> float:
-    """Mean next-token loss over the validation sequences, shared across processes."""
+             unwrapped=None, lockstep: bool = False) -> float:
+    """Mean next-token loss over the validation sequences, shared across processes. ``lockstep``: every process
+    runs the same number of forwards (a sharded model all-gathers in each one)."""
     was_training = model.training
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    # every process runs the same number of forwards (a sharded model all-gathers in each one); a process whose
-    # slice has run out repeats the first batch and does not count it
+    # in lockstep, a process whose slice has run out repeats the first batch and does not count it
     rounds = math.ceil(len(ids) / (world * micro_batch))
     for i in range(rounds):
         start = (i * world + rank) * micro_batch
         counted = start < len(ids)
+        if not counted and not lockstep:
+            break
         start = start if counted else 0
         x = ids[start:start + micro_batch].to(accelerator.device)
         y = labels[start:start + micro_batch].to(accelerator.device)
@@ -447,7 +449,7 @@ class _Training:
         while True:
             try:
                 return evaluate(self.net, self.packed.val_ids, self.packed.val_labels, self.shape.eval_batch,
-                                self.accelerator, self.head, self.unwrapped)
+                                self.accelerator, self.head, self.unwrapped, lockstep=self.sharded)
             except Exception as exc:  # noqa: BLE001 - out of memory backs off like training; the rest re-raises
                 if not _is_oom(exc) or self.world > 1 or self.shape.eval_batch == 1:
                     raise

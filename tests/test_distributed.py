@@ -14,8 +14,12 @@ TINY = ["seq_len=64", "micro_batch_size=2", "grad_accum_steps=2", "warmup_steps=
         "lora_r=4", "lora_alpha=8", "max_steps=3", "save_every=2"]
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-                    reason="accelerate CLI not installed")
+NEEDS_ACCELERATE = pytest.mark.skipif(
+    shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
+    reason="accelerate CLI not installed")
+
+
+@NEEDS_ACCELERATE
 def test_two_processes_on_cpu(tmp_path, tiny_model_dir, code_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -23,13 +27,10 @@ def test_two_processes_on_cpu(tmp_path, tiny_model_dir, code_dir):
     single = tmp_path / "single"
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     base = ["--model", str(tiny_model_dir), "--data", str(code_dir), *TINY]
     subprocess.run([sys.executable, "-m", "qtrain", "fit", "-o", str(single), *base], check=True, env=env,
                    capture_output=True, timeout=300)
-    proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtrain", "fit", "-o", str(double),
-                           *base], env=env, capture_output=True, text=True, timeout=600)
+    proc = _launch(["-o", str(double), *base], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s1 = json.loads((single / "summary.json").read_text())
     s2 = json.loads((double / "summary.json").read_text())
@@ -55,8 +56,19 @@ def _launch(args, env, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-                    reason="accelerate CLI not installed")
+
+def _single_and_sharded(tmp_path, common: list[str], env: dict):
+    """The same recipe in one process at micro-batch 2 and sharded over 2 processes at micro-batch 1: the same
+    samples per step. Returns (single run dir, sharded run dir, the launcher's completed process)."""
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    subprocess.run([sys.executable, "-m", "qtrain", "fit", "-o", str(single), *common, "micro_batch_size=2"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    proc = _launch(["-o", str(sharded), *common, "micro_batch_size=1", "fsdp=true"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return single, sharded, proc
+
+
+@NEEDS_ACCELERATE
 def test_fsdp_two_processes_match_one_process_and_resume_from_sharded_checkpoints(tmp_path, tiny_model_dir, code_dir):
     """Full fine-tuning sharded over 2 CPU processes (FSDP2 under gloo) on the same samples per step as one
     process at twice the micro-batch: the same losses and weights within float tolerance. Then a copy of the run
@@ -67,12 +79,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_from_sharded_checkpoint
     common = ["--model", str(tiny_model_dir), "--data", str(code_dir), "method=full", "seq_len=64",
               "grad_accum_steps=2", "warmup_steps=1", "val_max_sequences=4", "max_steps=3", "save_every=2",
               "learning_rate=1e-3"]
-    single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "qtrain", "fit", "-o", str(single), *common, "micro_batch_size=2"],
-                   check=True, env=env, capture_output=True, timeout=300)
-    sharded = tmp_path / "fsdp"
-    proc = _launch(["-o", str(sharded), *common, "micro_batch_size=1", "fsdp=true"], env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, sharded, proc = _single_and_sharded(tmp_path, common, env)
     assert "sharded over 2 processes" in proc.stdout + proc.stderr
     s1 = json.loads((single / "summary.json").read_text())
     s2 = json.loads((sharded / "summary.json").read_text())
@@ -110,8 +117,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_from_sharded_checkpoint
     assert proc.returncode != 0 and "2 process(es)" in proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-                    reason="accelerate CLI not installed")
+@NEEDS_ACCELERATE
 def test_fsdp_lora_matches_one_process_and_saves_a_plain_adapter(tmp_path, tiny_model_dir, code_dir):
     from safetensors.torch import load_file
 
@@ -119,12 +125,7 @@ def test_fsdp_lora_matches_one_process_and_saves_a_plain_adapter(tmp_path, tiny_
     common = ["--model", str(tiny_model_dir), "--data", str(code_dir), "method=lora", "lora_dropout=0", "lora_r=4",
               "seq_len=64", "grad_accum_steps=2", "warmup_steps=1", "val_max_sequences=4", "max_steps=2",
               "save_every=0"]
-    single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "qtrain", "fit", "-o", str(single), *common, "micro_batch_size=2"],
-                   check=True, env=env, capture_output=True, timeout=300)
-    sharded = tmp_path / "fsdp"
-    proc = _launch(["-o", str(sharded), *common, "micro_batch_size=1", "fsdp=true"], env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, sharded, _ = _single_and_sharded(tmp_path, common, env)
     a = load_file(str(single / "adapter_model.safetensors"))
     b = load_file(str(sharded / "adapter_model.safetensors"))
     assert set(a) == set(b) and all("lora_" in k for k in b)
