@@ -85,7 +85,7 @@ def render(result: dict) -> None:
              f"Reproduce: `{result['command']}`. Decode: greedy, batch 1, 64 new tokens after a 16-token prompt "
              "(time of 65 tokens minus time of 1), the same lean loop for every runtime (model call with KV cache + "
              "argmax; what `qtrain generate` runs); the `generate()` column goes through transformers' generate "
-             "(ORTModelForCausalLM for ONNX). Prefill: one 512-token prompt; median of 3; each runtime in its own "
+             "(qtrain.export.runtime.OnnxForCausalLM for ONNX). Prefill: one 512-token prompt; median of 3; each runtime in its own "
              "process. Parity: teacher-forced on held-out standard-library code; greedy text on 6 fixed prompts.", "",
              "| format | size (MB) | decode tok/s | vs PyTorch | via generate() (vs PyTorch) | prefill 512 (ms) | load (s) | "
              "peak RSS (GiB) | next-token agreement | perplexity (change) | greedy equal |",

@@ -513,7 +513,7 @@ def _add_export_parser(sub) -> None:
                          description="Export a run directory (or any model) to ONNX and/or GGUF and prove parity.")
     exp.add_argument("run", nargs="?", help="run directory of `qtrain fit` (or a model dir / hub id); "
                      "default: the embedded model")
-    exp.add_argument("--onnx", action="store_true", help="ONNX decoder with KV cache (fp32), via optimum-onnx")
+    exp.add_argument("--onnx", action="store_true", help="ONNX decoder with KV cache (fp32), via torch.onnx.export")
     exp.add_argument("--int8", action="store_true", help="also 8-bit weight-only (MatMulNBits), in OUT/int8")
     exp.add_argument("--int4", action="store_true", help="also 4-bit weight-only (MatMulNBits), in OUT/int4")
     exp.add_argument("--block-size", type=int, default=32, help="int4 quantization block size (16..256, power of 2)")

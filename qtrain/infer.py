@@ -57,19 +57,24 @@ def default_threads() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-def load_onnx(directory: Path, threads: int | None = None):
-    try:
-        import onnxruntime as ort
-        from optimum.onnxruntime import ORTModelForCausalLM
-    except ImportError as exc:
-        raise InferenceError(f"{str(directory)!r} is an ONNX export, which needs the export extra: "
-                             f"pip install 'qtrain[export]' ({exc})") from None
+def session_options(threads: int | None):
+    """onnxruntime options for one decoding stream: ``threads`` intra-op threads (default: physical cores)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
-    model = ORTModelForCausalLM.from_pretrained(directory, file_name=onnx_file(directory).name, use_cache=True,
-                                                session_options=options, provider="CPUExecutionProvider")
-    return model
+    return options
+
+
+def load_onnx(directory: Path, threads: int | None = None):
+    """An ONNX export as a transformers-compatible model (:class:`qtrain.export.runtime.OnnxForCausalLM`)."""
+    from qtrain.export.runtime import OnnxForCausalLM
+
+    try:
+        return OnnxForCausalLM.from_pretrained(directory, threads=threads)
+    except ValueError as exc:
+        raise InferenceError(str(exc)) from None
 
 
 def load_for_inference(ref: str | os.PathLike | None, *, threads: int | None = None, merge: bool = True) -> Loaded:
@@ -215,9 +220,9 @@ def text_pieces(tok, token_iter, eos: set[int]) -> Iterator[str]:
 # ----------------------------------------------------------------------------------------- lean decode loops
 
 class OnnxDecoder:
-    """Greedy/sampled decoding straight on an onnxruntime session of an optimum-onnx decoder with KV cache.
+    """Greedy/sampled decoding straight on an onnxruntime session of a decoder exported with its KV cache.
 
-    Why not only ``ORTModelForCausalLM.generate``: measured here, a decode step of the int8 SmolLM2-135M export
+    Why not only ``OnnxForCausalLM.generate``: measured here, a decode step of the int8 SmolLM2-135M export
     takes 12.5 ms inside ``session.run`` but 26 ms through transformers' ``generate`` (the rest is Python:
     converting 60 cache tensors between numpy and torch, logits processors, cache bookkeeping). This loop feeds
     the ``present.*`` outputs back as ``past_key_values.*`` inputs unchanged.
@@ -228,10 +233,8 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         if session is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads or default_threads()
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(onnx_file(Path(directory))), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(onnx_file(Path(directory))), session_options(threads),
+                                           providers=["CPUExecutionProvider"])
         self.session = session
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values")]

@@ -93,7 +93,6 @@ def test_budget_matrix_and_budget_answer(tmp_path, capsys):
 
 
 def test_export_row_records_int8_size_and_decode_speed(tmp_path, tiny_model_dir, code_dir, capsys):
-    pytest.importorskip("optimum.onnxruntime")
     matrix = tmp_path / "m.yaml"
     matrix.write_text(yaml.safe_dump({"rows": [{"name": "lora-int8", "overrides": {**SMALL, "method": "lora"},
                                                 "export": "int8"}]}))

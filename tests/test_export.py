@@ -11,8 +11,7 @@ import torch
 from qtrain import cli
 from qtrain.export import ExportError
 from qtrain.export.onnx import ExportOptions, export_onnx, merged_model
-
-pytest.importorskip("optimum.onnxruntime")
+from qtrain.export.runtime import OnnxForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,6 @@ def test_lora_is_merged_exactly(lora_run):
 
 
 def test_onnx_export_layout_and_parity(exported, code_dir):
-    from optimum.onnxruntime import ORTModelForCausalLM
-
     out, report = exported
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["formats"].keys() == {"fp32", "int8", "int4"}
@@ -68,9 +65,9 @@ def test_onnx_export_layout_and_parity(exported, code_dir):
     # the defaults that decode fast on a CPU: int8 activations per block, the (untied) LM head quantized
     assert on_disk["formats"]["int8"]["accuracy_level"] == 4 and on_disk["formats"]["int4"]["lm_head_bits"] == 8
     assert on_disk["formats"]["int8"]["lm_head_quantized"] and on_disk["source"]["lm_head_untied_for_export"]
-    # every level loads with the usual class and carries the tokenizer
+    # every level loads as a transformers model and carries the tokenizer
     for d in (out, out / "int8", out / "int4"):
-        m = ORTModelForCausalLM.from_pretrained(d)
+        m = OnnxForCausalLM.from_pretrained(d)
         assert (d / "tokenizer.json").is_file() and (d / "config.json").is_file()
         ids = torch.tensor([[1, 2, 3, 4]])
         assert m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape[:2] == (1, 4)
@@ -96,11 +93,65 @@ def test_export_refuses_existing_output_and_bad_sources(exported, lora_run, tmp_
     assert not (tmp_path / "o").exists()
 
 
-def test_unsupported_architecture_names_the_supported_ones(tmp_path, monkeypatch):
-    from qtrain.export import onnx as onnx_mod
+def test_optimum_onnx_loads_the_export_where_installed(exported):
+    """The export keeps optimum-onnx's names, so its loader reads it too (optimum-onnx needs transformers 4.x)."""
+    pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed (it requires transformers<4.58)")
+    from optimum.onnxruntime import ORTModelForCausalLM
 
-    with pytest.raises(ExportError, match="cannot export architecture 'not-a-model'.*supported: .*llama"):
-        onnx_mod.export_fp32(tmp_path, tmp_path / "o", "not-a-model")
+    out, _ = exported
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    ours = OnnxForCausalLM.from_pretrained(out)
+    theirs = ORTModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
+                               ours(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert theirs.generate(input_ids=ids, **kw).tolist() == ours.generate(input_ids=ids, **kw).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2", "mistral", "gpt2", "phi3"])
+def test_export_fp32_matches_pytorch_across_families_lengths_and_padding(family, tmp_path):
+    """Traced at one shape, the graph must hold at others: prefill, one-token decode over a cache, a batch of two
+    with left padding, through transformers' generate; architectures other than Llama's included."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtrain.export.onnx import export_fp32
+
+    extra = {"n_embd": 32, "n_layer": 2, "n_head": 4} if family == "gpt2" else {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    if family in ("llama", "qwen2", "mistral", "phi3"):
+        extra["num_key_value_heads"] = 2
+    cfg = AutoConfig.for_model(family, vocab_size=96, tie_word_embeddings=False, pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(_saved(AutoModelForCausalLM.from_config(cfg), tmp_path / "src"),
+                                                 dtype=torch.float32).eval()
+    info = export_fp32(model, tmp_path / "onnx")
+    assert "torch.onnx.export" in info["exporter"]
+    ours = OnnxForCausalLM.from_pretrained(tmp_path / "onnx")
+    ids = torch.randint(1, 96, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    # positions count real tokens, as generate() gives them (GPT-2's own forward would count the padding too)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert ours.generate(input_ids=ids, attention_mask=mask, **kw).tolist() == \
+            model.generate(input_ids=ids, attention_mask=mask, **kw).tolist()
+
+
+def _saved(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+def test_export_refuses_a_directory_without_a_decoder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an ONNX export"):
+        OnnxForCausalLM.from_pretrained(tmp_path)
 
 
 def test_cli_fails_loudly_below_the_agreement_threshold(lora_run, tmp_path, code_dir, capsys):
@@ -198,14 +249,12 @@ def test_default_tokenizer_is_recognised_by_llama_cpp_rules():
 
 
 def test_lean_decoders_match_generate(exported, lora_run):
-    from optimum.onnxruntime import ORTModelForCausalLM
-
     from qtrain.infer import OnnxDecoder, load_for_inference, torch_decode
 
     out, _ = exported
     prompt = [5, 17, 42, 99, 7]
     ids = torch.tensor([prompt])
-    ort_model = ORTModelForCausalLM.from_pretrained(out / "int8")
+    ort_model = OnnxForCausalLM.from_pretrained(out / "int8")
     want = ort_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
                               do_sample=False)[0, len(prompt):].tolist()
     assert list(OnnxDecoder(out / "int8").generate(prompt, 12)) == want

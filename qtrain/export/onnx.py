@@ -1,6 +1,7 @@
-"""``qtrain export --onnx``: merge, export with optimum-onnx, quantize with onnxruntime, and prove parity.
+"""``qtrain export --onnx``: merge, export with ``torch.onnx.export``, quantize with onnxruntime, and prove parity.
 
-Layout of the output directory (each level loads with ``ORTModelForCausalLM.from_pretrained``):
+Layout of the output directory (each level loads with ``qtrain.export.runtime.OnnxForCausalLM.from_pretrained``,
+and with optimum-onnx's ``ORTModelForCausalLM`` where that is installed):
 
     OUT/               fp32 decoder with KV cache (model.onnx), config, generation config, tokenizer
     OUT/int8/          8-bit weight-only MatMulNBits (blockwise scales) -- see ``quantize`` for why not QInt8
@@ -140,24 +141,112 @@ def untie_lm_head(model) -> bool:
     return True
 
 
-def supported_architectures() -> list[str]:
-    from optimum.exporters.tasks import TasksManager
+def decoder_with_cache(model):
+    """``model`` as a module of flat tensors, the signature an ONNX decoder with KV cache has:
+    ``(input_ids, attention_mask, position_ids, past.0.key, past.0.value, ...) -> (logits, present.0.key, ...)``.
 
-    return sorted(TasksManager.get_supported_model_type_for_task(task=TASK, exporter="onnx"))
+    The 2-D padding mask becomes the additive causal 4-D mask here, in plain tensor ops, and goes to the model
+    as a custom 4-D mask: transformers' own mask builders use ``vmap`` and data-dependent branches that the
+    exporter cannot trace. A custom mask also switches off a sliding window, so a model with one (Mistral)
+    exports with full causal attention, the same as its window for sequences shorter than it.
+    """
+    import inspect
+
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    class DecoderWithCache(torch.nn.Module):
+        def __init__(self, inner, layers):
+            super().__init__()
+            self.inner, self.layers = inner, layers
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache()
+            for i in range(self.layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            seq, total = input_ids.shape[1], attention_mask.shape[1]
+            query = torch.arange(seq, device=input_ids.device)[:, None] + (total - seq)
+            key = torch.arange(total, device=input_ids.device)[None, :]
+            allowed = (key <= query)[None, None] & attention_mask[:, None, None, :].bool()
+            dtype = past[0].dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+            out = self.inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             use_cache=True, **{cache_arg: cache})
+            return (out.logits, *[t for i in range(self.layers) for t in cache_tensors(out, i)])
+
+    return DecoderWithCache
 
 
-def export_fp32(merged_dir: Path, out_dir: Path, model_type: str) -> None:
-    """optimum-onnx export of the merged model as a decoder with KV cache (one ``model.onnx``)."""
+def cache_tensors(out, layer: int):
+    """(key, value) of one layer of a model output's cache, for transformers 4.5x and 5.x alike."""
+    cache = getattr(out, "cache", None) or out.past_key_values
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache[layer]
+
+
+def export_fp32(model, out_dir: Path, opset: int = 17) -> dict:
+    """Trace ``model`` (fp32, eager attention) to ``out_dir/model.onnx`` as a decoder with KV cache, with
+    optimum-onnx's input and output names, so its ``ORTModelForCausalLM`` loads the file where it is installed.
+
+    ``torch.onnx.export``'s TorchScript tracer, not optimum-onnx (which requires transformers < 4.58, and so would
+    hold the package on the 4.x line) and not the dynamo exporter (one more dependency, onnxscript). Traced once at past length 3 and 4 new tokens; every length is a dynamic axis, and the export
+    is checked on other lengths and batch sizes by the parity step that follows.
+    """
+    import warnings
+
+    import torch
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ExportError(f"{model.config.model_type!r} is an encoder-decoder model; ONNX export here is for "
+                          "decoder-only causal LMs")
+    previous = getattr(model.config, "_attn_implementation", None)
+    _set_attention(model, "eager")  # plain matmul/softmax: every runtime has it; SDPA's kernel choice is traced
     try:
-        from optimum.exporters.onnx import main_export
-    except ImportError as exc:
-        raise ExportError(f"ONNX export needs the export extra: pip install 'qtrain[export]' ({exc})") from None
-    supported = supported_architectures()
-    if model_type not in supported:
-        raise ExportError(f"optimum-onnx cannot export architecture {model_type!r} as a decoder with KV cache; "
-                          f"supported: {', '.join(supported)}")
-    main_export(str(merged_dir), output=out_dir, task=TASK, device="cpu", do_validation=False,
-                local_files_only=True, library_name="transformers")
+        probe = torch.tensor([[1, 2, 3]])
+        with torch.no_grad():
+            first = model(input_ids=probe, use_cache=True)
+        layers = model.config.num_hidden_layers
+        past = [t.detach().clone() for i in range(layers) for t in cache_tensors(first, i)]
+        wrapper = decoder_with_cache(model)(model, layers).eval()
+        ids = torch.tensor([[4, 5, 6, 7]])
+        mask = torch.ones(1, 7, dtype=torch.long)
+        positions = torch.arange(3, 7)[None]
+        kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+        inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv]
+        outputs = ["logits"] + [f"present.{n}" for n in kv]
+        axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                "position_ids": {0: "batch_size", 1: "sequence_length"},
+                "logits": {0: "batch_size", 1: "sequence_length"}}
+        axes.update({f"past_key_values.{n}": {0: "batch_size", 2: "past_sequence_length"} for n in kv})
+        axes.update({f"present.{n}": {0: "batch_size", 2: "total_sequence_length"} for n in kv})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes fixed at trace time
+            torch.onnx.export(wrapper, (ids, mask, positions, *past), str(out_dir / "model.onnx"), dynamo=False,
+                              input_names=inputs, output_names=outputs, dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True)
+    finally:
+        _set_attention(model, previous)
+    model.config.use_cache = True
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    return {"exporter": f"torch.onnx.export (TorchScript), opset {opset}",
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _set_attention(model, name) -> None:
+    if name is None:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
 
 
 def quantize(src_dir: Path, dst_dir: Path, bits: int, block_size: int, accuracy_level: int,
@@ -231,13 +320,8 @@ def heldout_sequences(tokenizer, data: str | None, positions: int, seq_len: int 
 def _logits(model, ids):
     import torch
 
-    extra = {} if _is_ort(model) else {"use_cache": False}  # the ORT decoder always takes its cache inputs
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits.float()
-
-
-def _is_ort(model) -> bool:
-    return type(model).__module__.startswith("optimum.onnxruntime")
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
 
 
 def _greedy(model, tokenizer, prompts, n):
@@ -329,11 +413,9 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
         info["lm_head_untied_for_export"] = untie_lm_head(model)
         model.save_pretrained(merged_dir, safe_serialization=True)
         tok.save_pretrained(merged_dir)
-        say("exporting to ONNX with optimum-onnx (a minute or two for a 135M model on 2 cores) ...")
-        t = time.perf_counter()
-        export_fp32(merged_dir, tmp, model.config.model_type)
+        say("exporting to ONNX with torch.onnx.export (under a minute for a 135M model on 2 cores) ...")
+        formats = {"fp32": {"dir": ".", **export_fp32(model, tmp)}}
         tok.save_pretrained(tmp)
-        formats = {"fp32": {"dir": ".", "seconds": round(time.perf_counter() - t, 1)}}
         if opts.int8:
             say(f"quantizing int8 (MatMulNBits 8-bit, block {opts.int8_block_size}) ...")
             formats["int8"] = {"dir": "int8", **quantize(tmp, tmp / "int8", 8, opts.int8_block_size,

@@ -8,7 +8,7 @@ batch 1 (greedy, KV cache), peak RSS, size on disk.
 
 Decode is timed two ways. The headline uses the same lean loop for every runtime (model call with its KV cache,
 argmax; ``infer.torch_decode`` / ``infer.OnnxDecoder``), which is what ``qtrain generate`` runs. The second
-column goes through transformers' ``generate`` (``ORTModelForCausalLM`` for ONNX), whose per-token Python
+column goes through transformers' ``generate`` (``OnnxForCausalLM`` for ONNX), whose per-token Python
 overhead (~13 ms here) hides most of what quantization buys.
 """
 

@@ -51,7 +51,7 @@ class Engine:
 
             from qtrain.infer import OnnxDecoder
 
-            # reuse the session ORTModelForCausalLM already holds (a second one would double the memory)
+            # reuse the session OnnxForCausalLM already holds (a second one would double the memory)
             self.decoder = OnnxDecoder(Path(loaded.info["path"]), threads, session=getattr(loaded.model, "session", None))
 
     @property

@@ -1,0 +1,127 @@
+"""Run a qtrain ONNX export from Python: ``OnnxForCausalLM``, a transformers-compatible causal LM over an
+onnxruntime session.
+
+    from qtrain.export.runtime import OnnxForCausalLM
+    model = OnnxForCausalLM.from_pretrained("runs/my-run/onnx/int8")
+    out = model.generate(**tokenizer("def f(x):", return_tensors="pt"), max_new_tokens=32)
+
+It is a ``PreTrainedModel`` with ``GenerationMixin``, so transformers' ``generate`` (greedy, sampling, stop
+strings, streamers, left-padded batches) drives it, and ``model(input_ids=..., attention_mask=...).logits`` works
+as for a PyTorch model. For one prompt at a time, :class:`qtrain.infer.OnnxDecoder` is the faster loop: it feeds
+the session's ``present.*`` outputs back unchanged, where ``generate`` goes through a torch cache each step.
+
+Why not optimum-onnx's ``ORTModelForCausalLM``: optimum-onnx requires ``transformers<4.58``, which would hold
+the whole package on the 4.x line. The export keeps optimum's input and output names, so where optimum-onnx is
+installed (transformers 4.x) ``ORTModelForCausalLM.from_pretrained(dir)`` loads the same directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from qtrain.infer import onnx_file, session_options
+
+# transformers 5.2x renamed the cache argument and output field from ``past_key_values`` to ``cache``
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
+    """A decoder exported with its KV cache (inputs ``input_ids``, ``attention_mask``, optionally ``position_ids``,
+    ``past_key_values.{i}.key|value``; outputs ``logits``, ``present.{i}.key|value``), as a transformers model."""
+
+    main_input_name = "input_ids"
+    base_model_prefix = "onnx"
+    _supports_cache_class = True
+    _is_stateful = False
+
+    def __init__(self, config, session, directory: Path | None = None):
+        super().__init__(config)
+        self.session = session
+        self.directory = directory
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
+        if "logits" not in self.output_names or not self.past_names or len(self.past_names) % 2:
+            raise ValueError(f"{directory or 'this session'} is not a decoder exported with its KV cache "
+                             "(inputs past_key_values.N.key/value, outputs logits and present.N.key/value)")
+        first = next(i for i in session.get_inputs() if i.name == self.past_names[0])
+        self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
+        self.kv_dtype = np.float16 if "float16" in first.type else np.float32
+        self.layers = len(self.past_names) // 2
+
+    @classmethod
+    def from_pretrained(cls, directory, threads: int | None = None, provider: str = "CPUExecutionProvider",
+                        **_ignored):
+        """Load an export directory (``model.onnx`` with ``config.json``; ``generation_config.json`` if present)."""
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        path = onnx_file(directory)
+        if path is None or not (directory / "config.json").is_file():
+            raise ValueError(f"{str(directory)!r} is not an ONNX export (needs model.onnx and config.json); "
+                             "make one with `qtrain export --onnx`")
+        config = AutoConfig.from_pretrained(directory)
+        session = ort.InferenceSession(str(path), session_options(threads), providers=[provider])
+        model = cls(config, session, directory)
+        if (directory / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        return model
+
+    # transformers asks a model for its device and dtype; this one has no torch parameters
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def get_input_embeddings(self):  # generate() may ask; there is no torch embedding to give
+        return None
+
+    def _past_arrays(self, cache, batch: int) -> list[np.ndarray]:
+        if cache is not None and cache.get_seq_length() > 0:
+            arrays = []
+            for i in range(self.layers):
+                layer = cache.layers[i] if hasattr(cache, "layers") else None
+                k, v = (layer.keys, layer.values) if layer is not None else cache[i]
+                arrays += [k.numpy(), v.numpy()]
+            return arrays
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        return [empty] * (2 * self.layers)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None, use_cache: bool = True,
+                cache=None, **_ignored) -> CausalLMOutputWithPast:
+        past_key_values = past_key_values if past_key_values is not None else cache
+        batch, seq = input_ids.shape
+        past = self._past_arrays(past_key_values, batch)
+        total = past[0].shape[2] + seq
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, total, dtype=torch.long)
+        mask = attention_mask.to(torch.int64)
+        feed = {"input_ids": input_ids.to(torch.int64).numpy(), "attention_mask": mask.numpy()}
+        if "position_ids" in self.input_names:
+            if position_ids is None:  # positions count real tokens, so left padding shifts nothing
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+            feed["position_ids"] = position_ids.to(torch.int64).numpy()
+        feed.update(zip(self.past_names, past))
+        out = self.session.run(None, feed)
+        logits = torch.from_numpy(out[self.output_names.index("logits")])
+        cache = None
+        if use_cache:  # the new positions go into the cache generate() passed in, as a PyTorch model's would
+            cache = past_key_values if past_key_values is not None else DynamicCache()
+            presents = {n: a for n, a in zip(self.output_names, out)}
+            seen = past[0].shape[2]
+            for i in range(self.layers):
+                k = torch.from_numpy(presents[f"present.{i}.key"][:, :, seen:])
+                v = torch.from_numpy(presents[f"present.{i}.value"][:, :, seen:])
+                cache.update(k, v, i)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
