@@ -8,7 +8,7 @@ Why our own layer and not transformers' ``AutoBitLinear(online_quant=True)``: th
 strength, so it cannot do the gradual warmup (lambda 0 -> 1) that Hugging Face's "Fine-tuning LLMs to 1.58bit"
 found necessary when converting a pretrained model, and its quantisers are ``torch.compile``d (about 20 s of
 compilation per new shape on a CPU). At lambda = 1 this layer computes what ``AutoBitLinear`` does, which
-tests/test_bitnet.py checks on random inputs. Saving uses transformers' own ``pack_weights`` and loading its
+tests/unit/test_bitnet.py checks on random inputs. Saving uses transformers' own ``pack_weights`` and loading its
 ``BitLinear`` (``AutoModelForCausalLM.from_pretrained`` on the saved directory).
 
 Scale convention (the one transformers' ``BitLinear`` uses): ``weight_scale = 1 / mean(|W|)``, the multiplier

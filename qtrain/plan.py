@@ -4,7 +4,7 @@ Every term is a formula of the config numbers (qtrain/shapes.py), never of loade
 config plans in milliseconds. Activation terms come from a census of the tensors autograd saves in a
 Hugging Face Llama decoder layer (torch.autograd.graph.saved_tensors_hooks, parameters excluded, sdpa
 attention), measured for six shapes and solved exactly for the coefficients below; see
-tests/test_plan.py, which re-runs that census on random shapes and checks the formula against it.
+tests/unit/test_plan.py, which re-runs that census on random shapes and checks the formula against it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bitsandbytes NF4 with double quantisation: 4 bits per weight, one int8 absmax per 64-weight block,
 # and one fp32 scale per 256 absmax values (Dettmers et al. 2023, QLoRA sec. 3).
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-# qtrain/loss.py's chunk sizes (repeated here so that planning imports no torch; tests/test_plan.py checks them)
+# qtrain/loss.py's chunk sizes (repeated here so that planning imports no torch; tests/unit/test_plan.py checks them)
 FUSED_CE_CHUNK_ROWS = 256
 DISTILL_CHUNK_ROWS = 128
 # MFU assumed when throughput must be predicted before measuring: LoRA and full fine-tuning measured
@@ -113,7 +113,7 @@ def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> in
         # each ternary layer keeps its own quantised input (+4h over full fine-tuning) and its quantised weight
         # copy for the backward pass (one copy of the layer's linear weights); with bitnet_rms_norm the 7 norms
         # also keep their inputs, normalised values and an rsqrt per token: +12h + 2i + 7 in all instead of
-        # +4h (census, tests/test_plan.py)
+        # +4h (census, tests/unit/test_plan.py)
         per_token += (12 * h + 2 * i + 7) * b if recipe.bitnet_rms_norm else 4 * h * b
         fixed = sum(shape.layer_linear_params().values()) * b
     return int(per_token * tokens) + fixed

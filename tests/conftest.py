@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny random-init Llama with a tiny BPE tokenizer, and a small corpus of real code.
 
 Nothing here downloads anything: the tokenizer is trained in milliseconds on the corpus itself.
+
+Layout: tests/unit/ runs on tiny random-init models and synthetic inputs; tests/integration/ runs the real default
+model (marked ``integration`` here, by folder). The default run takes both; ``-m "not integration"`` the unit ones.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parent.parent
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 def small_stdlib_files(n: int = 24, lo: int = 2000, hi: int = 6000) -> list[Path]:

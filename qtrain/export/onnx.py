@@ -181,7 +181,9 @@ def decoder_with_cache(model):
 
 def cache_tensors(out, layer: int):
     """(key, value) of one layer of a model output's cache, for transformers 4.5x and 5.x alike."""
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    if hasattr(cache, "arrays"):  # qtrain.export.runtime.OnnxCache
+        return cache.arrays[2 * layer], cache.arrays[2 * layer + 1]
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache[layer]

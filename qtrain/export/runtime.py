@@ -7,7 +7,7 @@ onnxruntime session.
 
 It is a ``PreTrainedModel`` with ``GenerationMixin``, so transformers' ``generate`` (greedy, sampling, stop
 strings, streamers, left-padded batches) drives it, and ``model(input_ids=..., attention_mask=...).logits`` works
-as for a PyTorch model. For one prompt at a time, :class:`qtrain.infer.OnnxDecoder` is the faster loop: it feeds
+as for a PyTorch model. For one prompt at a time, :class:`OnnxDecoder` (also importable from here) is the faster loop: it feeds
 the session's ``present.*`` outputs back unchanged, where ``generate`` goes through a torch cache each step.
 
 Why not optimum-onnx's ``ORTModelForCausalLM``: optimum-onnx requires ``transformers<4.58``, which would hold
@@ -26,7 +26,12 @@ from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrain
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from qtrain.infer import onnx_file, session_options
+from qtrain.export.decoder import (  # noqa: F401 - OnnxDecoder re-exported
+    NotAnExportError,
+    OnnxDecoder,
+    onnx_file,
+    session_options,
+)
 
 # transformers 5.2x renamed the cache argument and output field from ``past_key_values`` to ``cache``
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -49,7 +54,7 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
         self.output_names = [o.name for o in session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
         if "logits" not in self.output_names or not self.past_names or len(self.past_names) % 2:
-            raise ValueError(f"{directory or 'this session'} is not a decoder exported with its KV cache "
+            raise NotAnExportError(f"{directory or 'this session'} is not a decoder exported with its KV cache "
                              "(inputs past_key_values.N.key/value, outputs logits and present.N.key/value)")
         first = next(i for i in session.get_inputs() if i.name == self.past_names[0])
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
@@ -65,7 +70,7 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
         directory = Path(directory)
         path = onnx_file(directory)
         if path is None or not (directory / "config.json").is_file():
-            raise ValueError(f"{str(directory)!r} is not an ONNX export (needs model.onnx and config.json); "
+            raise NotAnExportError(f"{str(directory)!r} is not an ONNX export (needs model.onnx and config.json); "
                              "make one with `qtrain export --onnx`")
         config = AutoConfig.from_pretrained(directory)
         session = ort.InferenceSession(str(path), session_options(threads), providers=[provider])
@@ -86,7 +91,20 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):  # generate() may ask; there is no torch embedding to give
         return None
 
+    def generate(self, *args, **kwargs):
+        # torch's OpenMP workers spin for a while after every op, on the cores onnxruntime's threads need; the
+        # per-token torch work in generate() (logits processors on one row) needs no threads. Measured here on
+        # the int8 SmolLM2-135M export, 2 cores: 52 tok/s with torch's 2 threads, 69 with 1.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
     def _past_arrays(self, cache, batch: int) -> list[np.ndarray]:
+        if isinstance(cache, OnnxCache):
+            return cache.arrays
         if cache is not None and cache.get_seq_length() > 0:
             arrays = []
             for i in range(self.layers):
@@ -113,15 +131,43 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -seq:]
             feed["position_ids"] = position_ids.to(torch.int64).numpy()
         feed.update(zip(self.past_names, past))
-        out = self.session.run(None, feed)
-        logits = torch.from_numpy(out[self.output_names.index("logits")])
-        cache = None
-        if use_cache:  # the new positions go into the cache generate() passed in, as a PyTorch model's would
-            cache = past_key_values if past_key_values is not None else DynamicCache()
-            presents = {n: a for n, a in zip(self.output_names, out)}
-            seen = past[0].shape[2]
+        out = dict(zip(self.output_names, self.session.run(None, feed)))
+        logits = torch.from_numpy(out["logits"])
+        if not use_cache:
+            new_cache = None
+        elif past_key_values is None or isinstance(past_key_values, OnnxCache) or past_key_values.get_seq_length() == 0:
+            # the presents as they came out, fed back next step without a copy (generate() hands an empty
+            # DynamicCache to the first step and keeps whichever cache the model returns)
+            new_cache = OnnxCache([out[n.replace("past_key_values.", "present.")] for n in self.past_names])
+        else:  # a filled torch cache the caller passed: extended in place, as a PyTorch model would
+            new_cache, seen = past_key_values, past[0].shape[2]
             for i in range(self.layers):
-                k = torch.from_numpy(presents[f"present.{i}.key"][:, :, seen:])
-                v = torch.from_numpy(presents[f"present.{i}.value"][:, :, seen:])
-                cache.update(k, v, i)
-        return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+                new_cache.update(torch.from_numpy(out[f"present.{i}.key"][:, :, seen:]),
+                                 torch.from_numpy(out[f"present.{i}.value"][:, :, seen:]), i)
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: new_cache})
+
+
+class OnnxCache(DynamicCache):
+    """An export's KV cache as the numpy arrays its session returned (``past_key_values.*`` order)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        super().__init__()
+        self.arrays = arrays
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return int(self.arrays[0].shape[2])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:  # beam search
+        index = beam_idx.cpu().numpy()
+        self.arrays = [a[index] for a in self.arrays]
+
+    def crop(self, max_length: int) -> None:  # assisted decoding
+        if max_length < 0:
+            max_length = self.get_seq_length() + max_length
+        self.arrays = [a[:, :, :max_length] for a in self.arrays]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.arrays = [np.repeat(a, repeats, axis=0) for a in self.arrays]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.arrays = [a[indices.cpu().numpy()] for a in self.arrays]

