@@ -192,6 +192,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         opts = ExportOptions(int8=args.int8, int4=args.int4, int4_block_size=args.block_size,
                              int4_head_bits=args.int4_head_bits, int4_method=args.int4_method,
+                             int4_calibration=args.int4_calibration,
                              int4_symmetric=not args.int4_asymmetric, int4_act_order=not args.int4_no_act_order,
                              int4_accuracy_level=args.accuracy_level, quantize_lm_head=not args.keep_lm_head,
                              min_agreement=_parse_agreement(args.min_agreement), data=args.data,
@@ -520,8 +521,12 @@ def _add_export_parser(sub) -> None:
     exp.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                      help="int4 MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")
     exp.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32 when quantizing")
-    exp.add_argument("--int4-method", default="gptq", choices=["gptq", "rtn"],
-                     help="int4 rounding: GPTQ on calibration code (default) or onnxruntime's round-to-nearest")
+    exp.add_argument("--int4-method", default="gptq", choices=["gptq", "rtn", "hqq", "kquant"],
+                     help="int4 rounding: GPTQ on calibration code (default), or onnxruntime's round-to-nearest, "
+                     "HQQ or k-quant")
+    exp.add_argument("--int4-calibration", default="mix", choices=["mix", "train"],
+                     help="GPTQ calibration code: half the training split and half general library code (default), "
+                     "or the training split only")
     exp.add_argument("--int4-asymmetric", action="store_true",
                      help="int4 with a zero point per block (MatMulNBits' asymmetric grid) instead of symmetric")
     exp.add_argument("--int4-no-act-order", action="store_true",

@@ -234,18 +234,58 @@ def apply_gptq(fp32_onnx: Path, int4_onnx: Path, model: nn.Module, calib: torch.
             "note": "output error = sum over layers of tr(dW H dW^T), GPTQ relative to round-to-nearest"}
 
 
-def calibration_sequences(tokenizer, data: str | None, n: int = 64, seq_len: int = 512) -> torch.Tensor:
-    """Calibration text from the *training* split (the parity report uses the validation split)."""
-    from qtrain.data.corpus import load_corpus
+# Installed with qtrain on every machine, so "general code" needs no download. Third-party library code, unlike
+# the standard library the default corpus is; benchmarks/int4_offdomain.py holds out peft, accelerate and fastapi
+# (also installed, not listed here) to measure what calibrating on this buys on code neither set contains.
+GENERAL_CODE_PACKAGES = ("numpy", "transformers", "torch", "matplotlib", "rich", "yaml", "safetensors", "psutil")
+CALIBRATIONS = ("mix", "train")
 
-    train_docs, _, _ = load_corpus(data)
+
+def general_code_files(packages=GENERAL_CODE_PACKAGES, per_package: int = 40) -> list[Path]:
+    """Up to ``per_package`` Python sources of each installed package (every k-th in path order, tests skipped),
+    interleaved so that any prefix of the list spans every package."""
+    import importlib.util
+
+    from qtrain.data.corpus import iter_source_files
+
+    picked = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        files = [f for root in spec.submodule_search_locations
+                 for f in iter_source_files(Path(root), (".py",), skip_tests=True)]
+        step = max(1, len(files) // per_package)
+        picked.append(files[::step][:per_package])
+    return [f for group in zip(*picked) for f in group] if picked else []
+
+
+def _token_rows(tokenizer, texts, rows: int, seq_len: int) -> list[list[int]]:
     ids: list[int] = []
-    for doc in train_docs:
-        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= n * seq_len:
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= rows * seq_len:
             break
-    rows = max(1, min(n, len(ids) // seq_len))
-    if len(ids) < seq_len:
-        seq_len = len(ids)
-    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+    return [ids[i * seq_len:(i + 1) * seq_len] for i in range(len(ids) // seq_len)][:rows]
 
+
+def calibration_sequences(tokenizer, data: str | None, n: int = 64, seq_len: int = 512,
+                          calibration: str = "mix") -> torch.Tensor:
+    """GPTQ's calibration text, [rows, seq_len] token ids: the *training* split of ``data`` (the parity report
+    uses the validation split), or with ``calibration="mix"`` half of it and half general code
+    (:data:`GENERAL_CODE_PACKAGES`), so the Hessians also see code outside the training domain."""
+    from qtrain.data.corpus import drop_reason, load_corpus
+
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration {calibration!r}: use one of {', '.join(CALIBRATIONS)}")
+    train_docs, _, _ = load_corpus(data)
+    general = []
+    if calibration == "mix":
+        texts = (f.read_text(encoding="utf-8", errors="replace") for f in general_code_files())
+        general = _token_rows(tokenizer, (t for t in texts if drop_reason(t, 1_000, 1_000_000) is None),
+                              n // 2, seq_len)
+    rows = _token_rows(tokenizer, (d.text for d in train_docs), n - len(general), seq_len) + general
+    if not rows:  # less text than one row: all of it, as one shorter row
+        ids = [t for d in train_docs for t in tokenizer(d.text, add_special_tokens=False)["input_ids"]]
+        return torch.tensor([ids[:seq_len]])
+    return torch.tensor(rows)

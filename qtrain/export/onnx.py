@@ -38,6 +38,9 @@ PROMPTS = [
 ]
 
 
+INT4_METHODS = ("gptq", "rtn", "hqq", "kquant")
+
+
 @dataclass
 class ExportOptions:
     int8: bool = False
@@ -45,7 +48,10 @@ class ExportOptions:
     int4_block_size: int = 32
     int4_accuracy_level: int = 4
     int4_head_bits: int = 8  # the LM head at 8 bits: measured +24% perplexity either way, but 74% vs 71% agreement
-    int4_method: str = "gptq"  # or "rtn" (onnxruntime's round-to-nearest); see qtrain/export/gptq.py
+    # "gptq" (qtrain/export/gptq.py), or onnxruntime's own: "rtn" (round-to-nearest), "hqq" (half-quadratic,
+    # zero points), "kquant" (k-quant search of scales); benchmarks/results/int4_offdomain.md compares them
+    int4_method: str = "gptq"
+    int4_calibration: str = "mix"  # GPTQ's Hessians: half training split, half general code ("train": all training)
     int4_calibration_sequences: int = 64
     int4_symmetric: bool = True  # False: a 4-bit zero point per block (MatMulNBits' asymmetric form)
     int4_act_order: bool = True  # GPTQ visits the inputs with the most energy first
@@ -69,8 +75,10 @@ class ExportOptions:
                 raise ExportError(f"{name}={value}: use 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
         if self.int4_head_bits not in (4, 8):
             raise ExportError(f"int4_head_bits={self.int4_head_bits}: use 4 or 8")
-        if self.int4_method not in ("gptq", "rtn"):
-            raise ExportError(f"int4_method={self.int4_method!r}: use gptq or rtn")
+        if self.int4_method not in INT4_METHODS:
+            raise ExportError(f"int4_method={self.int4_method!r}: use one of {', '.join(INT4_METHODS)}")
+        if self.int4_calibration not in ("mix", "train"):
+            raise ExportError(f"int4_calibration={self.int4_calibration!r}: use mix or train")
         for fmt, value in self.min_agreement.items():
             if not 0.0 <= value <= 1.0:
                 raise ExportError(f"min_agreement {fmt}={value}: give a fraction in [0, 1]")
@@ -253,7 +261,7 @@ def _set_attention(model, name) -> None:
 
 def quantize(src_dir: Path, dst_dir: Path, bits: int, block_size: int, accuracy_level: int,
              lm_head: bool = True, head_bits: int | None = None, embeddings: bool = False,
-             symmetric: bool = True) -> dict:
+             symmetric: bool = True, algorithm: str = "rtn") -> dict:
     """Weight-only blockwise quantization of every MatMul with a constant weight (``MatMulNBits``).
 
     Why not ``quantize_dynamic`` (QInt8) for int8: measured on this AVX2 CPU (no VNNI) on SmolLM2-135M it was
@@ -271,18 +279,19 @@ def quantize(src_dir: Path, dst_dir: Path, bits: int, block_size: int, accuracy_
     head_bits = head_bits or bits
     start = time.perf_counter()
 
-    def run(m, nbits, exclude=(), ops=("MatMul",), axes=None):
+    def run(m, nbits, exclude=(), ops=("MatMul",), axes=None, algo=None):
         # nodes_to_include only adds to op_types_to_quantize, so a subset is chosen by excluding the rest
         q = MatMulNBitsQuantizer(m, bits=nbits, block_size=block_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level or None, nodes_to_exclude=list(exclude),
-                                 op_types_to_quantize=ops, quant_axes=axes)
+                                 op_types_to_quantize=ops, quant_axes=axes, algo_config=algo)
         q.process()
         return q.model.model
 
     if lm_head and head and head_bits != bits:
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head]
         model = run(model, head_bits, exclude=others)
-    model = run(model, bits, exclude=() if lm_head and head_bits == bits else head)
+    model = run(model, bits, exclude=() if lm_head and head_bits == bits else head,
+                algo=_algorithm_config(algorithm, bits, block_size))
     if embeddings:
         # the embedding table as GatherBlockQuantized (onnxruntime supports 4 bits only for Gather)
         model = run(model, 4, ops=("Gather",), axes=(("Gather", 1),))
@@ -295,7 +304,22 @@ def quantize(src_dir: Path, dst_dir: Path, bits: int, block_size: int, accuracy_
             shutil.copy2(f, dst_dir / f.name)
     return {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric,
             "lm_head_quantized": lm_head and bool(head), "lm_head_bits": head_bits if lm_head else 32,
-            "embeddings_quantized": embeddings, "seconds": round(time.perf_counter() - start, 1)}
+            "embeddings_quantized": embeddings, "algorithm": algorithm,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _algorithm_config(algorithm: str, bits: int, block_size: int):
+    """onnxruntime's weight-only algorithm for ``quantize`` (None: its default round-to-nearest). GPTQ is not one
+    of these: it is written over the round-to-nearest blobs afterwards (qtrain/export/gptq.py)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    if algorithm in ("rtn", "gptq"):
+        return None
+    if algorithm == "hqq":
+        return mq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",))
+    if algorithm == "kquant":
+        return mq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    raise ExportError(f"int4 method {algorithm!r}: use one of {', '.join(INT4_METHODS)}")
 
 
 # -------------------------------------------------------------------------------------------------- parity
@@ -428,16 +452,21 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
             formats["int4"] = {"dir": "int4", **quantize(tmp, tmp / "int4", 4, opts.int4_block_size,
                                                          opts.int4_accuracy_level, opts.quantize_lm_head,
                                                          head_bits=opts.int4_head_bits,
-                                                         symmetric=opts.int4_symmetric)}
+                                                         symmetric=opts.int4_symmetric,
+                                                         algorithm=opts.int4_method)}
             if opts.int4_method == "gptq":
                 from qtrain.export.gptq import apply_gptq, calibration_sequences
 
-                say(f"GPTQ for the 4-bit layers ({opts.int4_calibration_sequences} calibration sequences of "
-                    "training-split code) ...")
-                calib = calibration_sequences(tok, opts.data, opts.int4_calibration_sequences)
+                what = "training-split code" if opts.int4_calibration == "train" else \
+                    "code, half training split and half general"
+                say(f"GPTQ for the 4-bit layers ({opts.int4_calibration_sequences} calibration sequences of {what}) ...")
+                calib = calibration_sequences(tok, opts.data, opts.int4_calibration_sequences,
+                                              calibration=opts.int4_calibration)
                 formats["int4"]["gptq"] = apply_gptq(tmp / "model.onnx", tmp / "int4" / "model.onnx", model, calib,
                                                      opts.int4_block_size, act_order=opts.int4_act_order)
             formats["int4"]["method"] = opts.int4_method
+            if opts.int4_method == "gptq":
+                formats["int4"]["gptq"]["calibration"] = opts.int4_calibration
         say(f"checking parity on held-out code ({opts.positions} positions) and {len(PROMPTS)} greedy prompts ...")
         seqs = heldout_sequences(tok, opts.data, opts.positions)
         ref_out = reference(model, tok, seqs, opts)

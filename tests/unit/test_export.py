@@ -350,3 +350,46 @@ def test_export_options_check_themselves(bad, words):
 
     with pytest.raises(ExportError, match=re.escape(words)):
         ExportOptions(**bad)
+
+
+def test_mixed_calibration_is_half_training_split_half_general_code(tiny_model_dir, code_dir):
+    from transformers import AutoTokenizer
+
+    from qtrain.export.gptq import GENERAL_CODE_PACKAGES, calibration_sequences, general_code_files
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    files = general_code_files(per_package=3)
+    assert files and all(f.suffix == ".py" for f in files)
+    # interleaved: the first files come from different packages
+    packages = [next(p for p in GENERAL_CODE_PACKAGES if f"/{p}/" in f.as_posix()) for f in files[:4]]
+    assert len(set(packages)) == 4, packages
+    train = calibration_sequences(tok, str(code_dir), n=8, seq_len=64, calibration="train")
+    mix = calibration_sequences(tok, str(code_dir), n=8, seq_len=64, calibration="mix")
+    assert train.shape == mix.shape == (8, 64)
+    assert torch.equal(mix[:4], train[:4])  # the first half is the training split, the rest is other code
+    assert not any(torch.equal(mix[i], train[j]) for i in range(4, 8) for j in range(8))
+    with pytest.raises(ValueError, match="calibration 'web'"):
+        calibration_sequences(tok, str(code_dir), calibration="web")
+
+
+@pytest.mark.parametrize("method", ["hqq"])  # k-quant: onnxruntime's code fails on the tiny model's 16-wide
+def test_onnxruntime_int4_methods_export_and_load(exported, tmp_path, method):  # KV projections; the benchmark runs it
+    from qtrain.export.onnx import quantize
+
+    out, report = exported
+    info = quantize(out, tmp_path / method, 4, 32, 4, True, head_bits=8, symmetric=False, algorithm=method)
+    assert info["algorithm"] == method
+    model = OnnxForCausalLM.from_pretrained(tmp_path / method)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    fp32 = OnnxForCausalLM.from_pretrained(out)
+    a = model(input_ids=ids).logits
+    b = fp32(input_ids=ids).logits
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    assert (a - b).abs().mean() < b.abs().mean()  # 4-bit weights move the logits, not beyond recognition
+
+
+def test_export_options_name_the_int4_choices():
+    with pytest.raises(ExportError, match="gptq, rtn, hqq, kquant"):
+        ExportOptions(int4_method="awq")
+    with pytest.raises(ExportError, match="mix or train"):
+        ExportOptions(int4_calibration="web")
