@@ -4,18 +4,18 @@ Published numbers are quoted, not measured here (no GPU on this machine); the po
 planner agrees with what others measured and where it does not. Also times `qtrain plan` itself.
 Writes benchmarks/results/plan_anchors.{json,md}.
 
-    python benchmarks/plan_anchors.py
+    python benchmarks/plan_anchors.py [--results DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from common import RESULTS, header, write_results  # noqa: E402 - benchmarks/common.py, beside this script
 
 # (label, source, published GiB, model, recipe overrides)
 ANCHORS = [
@@ -37,7 +37,9 @@ ANCHORS = [
 
 
 def main() -> None:
-    from qtrain.io import atomic_write_json, atomic_write_text
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where plan_anchors.{json,md} go")
+    args = ap.parse_args()
     from qtrain.plan import model_shape, predict
     from qtrain.recipe import load_recipe
 
@@ -52,10 +54,8 @@ def main() -> None:
     proc = subprocess.run([sys.executable, "-m", "qtrain", "plan", "--model", "codellama/CodeLlama-7b-hf", "--budget",
                            "8GB", "--device", "cuda"], capture_output=True, text=True)
     plan_s = time.perf_counter() - start
-    result = {"benchmark": "plan_anchors", "rows": rows, "plan_command_seconds": round(plan_s, 2),
-              "plan_command_ok": proc.returncode == 0, "command": "python benchmarks/plan_anchors.py"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "plan_anchors.json", result)
+    result = header("plan_anchors", rows=rows, plan_command_seconds=round(plan_s, 2),
+                    plan_command_ok=proc.returncode == 0, command="python benchmarks/plan_anchors.py")
     lines = ["# Planner vs published memory figures (CUDA; quoted, not measured here)", "",
              f"Reproduce: `{result['command']}`. `qtrain plan --model codellama/CodeLlama-7b-hf --budget 8GB --device cuda` "
              f"answered in {plan_s:.1f} s (offline, config only, including Python start-up).", "",
@@ -65,7 +65,7 @@ def main() -> None:
     lines += ["", "Ratios above 1: qtrain predicts more than was published. Its CUDA terms (500 MiB context, 10% "
               "fragmentation, fp32 LoRA gradients and optimizer states, the loading peak) are formulas not yet "
               "calibrated on a GPU. Erring high costs speed (a smaller recipe than needed), erring low costs an OOM."]
-    atomic_write_text(RESULTS / "plan_anchors.md", "\n".join(lines) + "\n")
+    write_results("plan_anchors", result, "\n".join(lines), args.results)
     print("\n".join(lines))
 
 

@@ -517,7 +517,7 @@ def _add_export_parser(sub) -> None:
     exp.add_argument("--onnx", action="store_true", help="ONNX decoder with KV cache (fp32), via torch.onnx.export")
     exp.add_argument("--int8", action="store_true", help="also 8-bit weight-only (MatMulNBits), in OUT/int8")
     exp.add_argument("--int4", action="store_true", help="also 4-bit weight-only (MatMulNBits), in OUT/int4")
-    exp.add_argument("--block-size", type=int, default=32, help="int4 quantization block size (16..256, power of 2)")
+    exp.add_argument("--block-size", type=int, default=16, help="int4 quantization block size (16..256, power of 2; default 16)")
     exp.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                      help="int4 MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations")
     exp.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32 when quantizing")

@@ -342,7 +342,7 @@ def test_rtn_grid_is_onnxruntimes_bit_for_bit_on_bf16_weights(symmetric):
 
 @pytest.mark.parametrize("bad, words", [({"int4_block_size": 48}, "int4_block_size=48"),
                                         ({"int8_accuracy_level": 7}, "int8_accuracy_level=7"),
-                                        ({"int4_method": "awq"}, "gptq or rtn"),
+                                        ({"int4_method": "awq"}, "gptq, rtn, hqq, kquant"),
                                         ({"min_agreement": {"int4": -0.1}}, "int4=-0.1"),
                                         ({"threads": 0}, "--threads 0")])
 def test_export_options_check_themselves(bad, words):
