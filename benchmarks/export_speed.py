@@ -122,7 +122,9 @@ def render(result: dict) -> None:
               f"LM head quantized: {report['formats']['int4']['lm_head_quantized']}; int4 rounding: "
               f"{report['formats']['int4'].get('method', 'rtn')}"
               + (f" (output error {report['formats']['int4']['gptq']['output_error_vs_rtn']:.2f}x round-to-nearest's on "
-                 f"{report['formats']['int4']['gptq']['calibration_tokens']:,} calibration tokens of training-split code)"
+                 f"{report['formats']['int4']['gptq']['calibration_tokens']:,} calibration tokens of "
+                 + ("training-split code)" if report['formats']['int4']['gptq'].get('calibration', 'train') == 'train'
+                    else "code, half training split and half general library code)")
                  if report['formats']['int4'].get('gptq') else "") + f". GGUF: {gguf.get('note', '')}."]
     atomic_write_text(RESULTS / "export_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
