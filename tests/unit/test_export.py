@@ -108,7 +108,8 @@ def test_optimum_onnx_loads_the_export_where_installed(exported):
     assert theirs.generate(input_ids=ids, **kw).tolist() == ours.generate(input_ids=ids, **kw).tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2", "mistral", "gpt2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen2", "mistral", "gpt2", "phi3", "gemma2", "qwen3",
+                                    "starcoder2", "falcon"])
 def test_export_fp32_matches_pytorch_across_families_lengths_and_padding(family, tmp_path):
     """Traced at one shape, the graph must hold at others: prefill, one-token decode over a cache, a batch of two
     with left padding, through transformers' generate; architectures other than Llama's included."""
@@ -118,8 +119,10 @@ def test_export_fp32_matches_pytorch_across_families_lengths_and_padding(family,
 
     extra = {"n_embd": 32, "n_layer": 2, "n_head": 4} if family == "gpt2" else {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
-    if family in ("llama", "qwen2", "mistral", "phi3"):
+    if family not in ("gpt2", "gpt_neox"):
         extra["num_key_value_heads"] = 2
+    if family in ("gemma2", "qwen3"):
+        extra["head_dim"] = 8
     cfg = AutoConfig.for_model(family, vocab_size=96, tie_word_embeddings=False, pad_token_id=0, **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(_saved(AutoModelForCausalLM.from_config(cfg), tmp_path / "src"),
