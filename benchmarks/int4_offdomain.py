@@ -87,7 +87,6 @@ def main() -> None:
         result = json.loads((RESULTS / "int4_offdomain.json").read_text())
         write_results("int4_offdomain", result, render(result))
         return
-    import torch
 
     from qtrain.export.gptq import GENERAL_CODE_PACKAGES, apply_gptq, calibration_sequences, general_code_files
     from qtrain.export.onnx import export_fp32, heldout_sequences, merged_model, quantize, untie_lm_head

@@ -149,8 +149,8 @@ def untie_lm_head(model) -> bool:
     return True
 
 
-def decoder_with_cache(model):
-    """``model`` as a module of flat tensors, the signature an ONNX decoder with KV cache has:
+def decoder_with_cache(model, layers: int):
+    """``model`` (with ``layers`` decoder layers) as a module of flat tensors, the signature an ONNX decoder with KV cache has:
     ``(input_ids, attention_mask, position_ids, past.0.key, past.0.value, ...) -> (logits, present.0.key, ...)``.
 
     The 2-D padding mask becomes the additive causal 4-D mask here, in plain tensor ops, and goes to the model
@@ -184,17 +184,14 @@ def decoder_with_cache(model):
                              use_cache=True, **{cache_arg: cache})
             return (out.logits, *[t for i in range(self.layers) for t in cache_tensors(out, i)])
 
-    return DecoderWithCache
+    return DecoderWithCache(model, layers).eval()
 
 
 def cache_tensors(out, layer: int):
     """(key, value) of one layer of a model output's cache, for transformers 4.5x and 5.x alike."""
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    if hasattr(cache, "arrays"):  # qtrain.export.runtime.OnnxCache
-        return cache.arrays[2 * layer], cache.arrays[2 * layer + 1]
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache[layer]
+    from qtrain.export.runtime import cache_layer, output_cache
+
+    return cache_layer(output_cache(out), layer)
 
 
 def export_fp32(model, out_dir: Path, opset: int = 17) -> dict:
@@ -202,8 +199,9 @@ def export_fp32(model, out_dir: Path, opset: int = 17) -> dict:
     optimum-onnx's input and output names, so its ``ORTModelForCausalLM`` loads the file where it is installed.
 
     ``torch.onnx.export``'s TorchScript tracer, not optimum-onnx (which requires transformers < 4.58, and so would
-    hold the package on the 4.x line) and not the dynamo exporter (one more dependency, onnxscript). Traced once at past length 3 and 4 new tokens; every length is a dynamic axis, and the export
-    is checked on other lengths and batch sizes by the parity step that follows.
+    hold the package on the 4.x line) and not the dynamo exporter (one more dependency, onnxscript). Traced once at
+    past length 3 and 4 new tokens; every length is a dynamic axis, and the export is checked on other lengths and
+    batch sizes by the parity step that follows.
     """
     import warnings
 
@@ -220,7 +218,7 @@ def export_fp32(model, out_dir: Path, opset: int = 17) -> dict:
             first = model(input_ids=probe, use_cache=True)
         layers = model.config.num_hidden_layers
         past = [t.detach().clone() for i in range(layers) for t in cache_tensors(first, i)]
-        wrapper = decoder_with_cache(model)(model, layers).eval()
+        wrapper = decoder_with_cache(model, layers)
         ids = torch.tensor([[4, 5, 6, 7]])
         mask = torch.ones(1, 7, dtype=torch.long)
         positions = torch.arange(3, 7)[None]
@@ -464,9 +462,8 @@ def export_onnx(ref, output: str | Path, opts: ExportOptions, overwrite: bool = 
                                               calibration=opts.int4_calibration)
                 formats["int4"]["gptq"] = apply_gptq(tmp / "model.onnx", tmp / "int4" / "model.onnx", model, calib,
                                                      opts.int4_block_size, act_order=opts.int4_act_order)
-            formats["int4"]["method"] = opts.int4_method
-            if opts.int4_method == "gptq":
                 formats["int4"]["gptq"]["calibration"] = opts.int4_calibration
+            formats["int4"]["method"] = opts.int4_method
         say(f"checking parity on held-out code ({opts.positions} positions) and {len(PROMPTS)} greedy prompts ...")
         seqs = heldout_sequences(tok, opts.data, opts.positions)
         ref_out = reference(model, tok, seqs, opts)

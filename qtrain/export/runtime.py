@@ -55,7 +55,7 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
         if "logits" not in self.output_names or not self.past_names or len(self.past_names) % 2:
             raise NotAnExportError(f"{directory or 'this session'} is not a decoder exported with its KV cache "
-                             "(inputs past_key_values.N.key/value, outputs logits and present.N.key/value)")
+                                   "(inputs past_key_values.N.key/value, outputs logits and present.N.key/value)")
         first = next(i for i in session.get_inputs() if i.name == self.past_names[0])
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
         self.kv_dtype = np.float16 if "float16" in first.type else np.float32
@@ -71,7 +71,7 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
         path = onnx_file(directory)
         if path is None or not (directory / "config.json").is_file():
             raise NotAnExportError(f"{str(directory)!r} is not an ONNX export (needs model.onnx and config.json); "
-                             "make one with `qtrain export --onnx`")
+                                   "make one with `qtrain export --onnx`")
         config = AutoConfig.from_pretrained(directory)
         session = ort.InferenceSession(str(path), session_options(threads), providers=[provider])
         model = cls(config, session, directory)
@@ -106,12 +106,7 @@ class OnnxForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(cache, OnnxCache):
             return cache.arrays
         if cache is not None and cache.get_seq_length() > 0:
-            arrays = []
-            for i in range(self.layers):
-                layer = cache.layers[i] if hasattr(cache, "layers") else None
-                k, v = (layer.keys, layer.values) if layer is not None else cache[i]
-                arrays += [k.numpy(), v.numpy()]
-            return arrays
+            return [t.numpy() for i in range(self.layers) for t in cache_layer(cache, i)]
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
         return [empty] * (2 * self.layers)
 
@@ -171,3 +166,18 @@ class OnnxCache(DynamicCache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.arrays = [a[indices.cpu().numpy()] for a in self.arrays]
+
+
+def cache_layer(cache, layer: int):
+    """(key, value) of one layer of a cache: an :class:`OnnxCache`, a transformers ``Cache`` (4.5x and 5.x), or the
+    legacy tuple of tuples."""
+    if isinstance(cache, OnnxCache):
+        return torch.from_numpy(cache.arrays[2 * layer]), torch.from_numpy(cache.arrays[2 * layer + 1])
+    if getattr(cache, "layers", None):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache[layer]
+
+
+def output_cache(out):
+    """The cache of a causal-LM output (``past_key_values`` in transformers 4.x, ``cache`` in 5.2x)."""
+    return getattr(out, CACHE_FIELD)
