@@ -38,8 +38,10 @@ def worker(name: str, steps: int, out: Path) -> None:
     from qtrain.recipe import load_recipe
 
     method = "full" if "full" in name else "lora"
+    bf16 = name.endswith("-bf16")
     recipe = load_recipe(ROOT / "recipes" / f"cpu-{method}.yaml", [f"max_steps={steps}", "save_every=0",
-                                                                   "warmup_steps=1", "val_max_sequences=4"])
+                                                                   "warmup_steps=1", "val_max_sequences=4",
+                                                                   f"dtype={'bfloat16' if bf16 else 'float32'}"])
     if name.startswith("qtrain"):
         from qtrain.train import fit
 
@@ -54,13 +56,15 @@ def worker(name: str, steps: int, out: Path) -> None:
         from qtrain.data.corpus import load_corpus
         from qtrain.models import load_model, load_tokenizer, resolve_model_source
 
-        mb, accum = (1, 8) if name.endswith("1x8") else (8, 1)
+        mb, accum = (1, 8) if "-1x8" in name else (8, 1)
         src = resolve_model_source(None)
         tok = load_tokenizer(src)
         train_docs, _, _ = load_corpus(None)
         enc = tok([d.text for d in train_docs], truncation=True, max_length=recipe.seq_len)
         dataset = [{"input_ids": ids} for ids in enc["input_ids"]]
-        model = load_model(src, dtype=torch.float32)
+        # the strongest bf16 baseline: a frozen LoRA base held in bf16 (peft keeps the adapters in fp32) and
+        # Trainer's bf16 autocast; full fine-tuning keeps fp32 weights under autocast, as qtrain does
+        model = load_model(src, dtype=torch.bfloat16 if bf16 and method == "lora" else torch.float32)
         if method == "lora":
             model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                                                      lora_dropout=recipe.lora_dropout, target_modules="all-linear",
@@ -78,7 +82,7 @@ def worker(name: str, steps: int, out: Path) -> None:
             args = TrainingArguments(output_dir=d, per_device_train_batch_size=mb, gradient_accumulation_steps=accum,
                                      max_steps=steps, learning_rate=recipe.learning_rate, warmup_steps=1,
                                      lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
-                                     dataloader_num_workers=0, seed=0, use_cpu=True)
+                                     dataloader_num_workers=0, seed=0, use_cpu=True, bf16=bf16)
             trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
             out_metrics = trainer.train().metrics
         frozen, trainable = matmul_flops(model)

@@ -9,6 +9,7 @@ machine does not land on one variant), 2 optimizer steps of ``qtrain.train.fit``
 peak RSS. Once with glibc's allocator, once with the system jemalloc preloaded.
 
     python benchmarks/plan_heldout.py [--times 3] [--allocators glibc,jemalloc]
+    python benchmarks/plan_heldout.py --repredict   # the saved measurements against the current planner
 
 Writes benchmarks/results/plan_heldout.{json,md}.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, write_results  # noqa: E402
-from memory_calibration import combine, measure  # noqa: E402
+from memory_calibration import combine, measure, score  # noqa: E402
 
 VOCAB = 49152  # the embedded tokenizer's; a larger vocabulary leaves the extra rows unused, as a real one can
 SHAPES = {
@@ -84,7 +86,10 @@ def judge(row: dict, allocator: str) -> dict:
 def render(result: dict) -> str:
     lines = ["# The CPU planner on held-out model shapes", "",
              f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), torch "
-             f"{result['machine'].get('torch')}; git {result['git']}. Reproduce: `{result['command']}`. Peak RSS of a "
+             f"{result['machine'].get('torch')}; measured at git {result['git']}. Reproduce: `{result['command']}`."
+             + (f" Predictions from the planner at git {result['git_predicted']} (`--repredict`: the runs are "
+                "unchanged; predictions need only shapes and recipes)." if result.get("git_predicted") else "")
+             + " Peak RSS of a "
              f"fresh process, 2 optimizer steps, {result['times']} runs per variant; error = predicted / measured - 1 "
              "(negative: the planner said too little). Bars: jemalloc within +-5% of the median run and never under "
              "by more than 3% against the highest run; glibc never under by more than 5% against the highest run.", ""]
@@ -107,12 +112,43 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def repredict(result: dict) -> dict:
+    """The saved runs against the current planner: predictions need only the shapes and recipes, not a rerun."""
+    from common import git_sha
+    from qtrain.plan import predict
+    from qtrain.recipe import load_recipe
+    from qtrain.shapes import shape_from_config
+
+    for alloc, rows in result["rows"].items():
+        for r in rows:
+            if "error" in r:
+                continue
+            recipe = load_recipe(None, [f"method={r['method']}", f"gradient_checkpointing={r['gc']}",
+                                        f"seq_len={r['seq']}", f"micro_batch_size={r['mb']}", "grad_accum_steps=1"])
+            pred = predict(shape_from_config(result["shapes"][r["model"]], r["model"]), recipe, "cpu",
+                           allocator=alloc)
+            r["predicted_peak_bytes"], r["terms"] = pred.peak_bytes, pred.terms
+            r.update(judge(score(r), alloc))
+    result["git_predicted"] = git_sha()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--times", type=int, default=3)
     ap.add_argument("--allocators", default="glibc,jemalloc")
     ap.add_argument("--shapes", type=int, help="the first N shapes only")
+    ap.add_argument("--repredict", action="store_true",
+                    help="recompute the predictions of the saved measurements (results/plan_heldout.json)")
     args = ap.parse_args()
+    if args.repredict:
+        from common import RESULTS
+
+        result = repredict(json.loads((RESULTS / "plan_heldout.json").read_text()))
+        md = render(result)
+        write_results("plan_heldout", result, md)
+        print(md)
+        return
     from qtrain.measure import find_jemalloc
     from qtrain.plan import model_shape
 

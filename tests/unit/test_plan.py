@@ -69,6 +69,25 @@ def test_full_fine_tuning_counts_only_the_gradients_live_at_the_start_of_backwar
     assert j.terms["gradients"] == head and "allocator_retention" not in j.terms and j.peak_bytes < p.peak_bytes
 
 
+def test_jemalloc_lets_backward_reuse_the_fused_loss_chunks_and_glibc_sums_them():
+    s = shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), "smollm2")
+    r = Recipe(method="lora", seq_len=256, micro_batch_size=4, gradient_checkpointing=True)
+    tokens = 256 * 4
+    one_layer = layer_activation_bytes(s, r, tokens)
+    chunks = 256 * s.vocab * 4 * 2  # two fp32 [256, vocab] logits chunks in flight
+    hidden = tokens * s.hidden * 4 * 2
+    g = predict(s, r, "cpu", allocator="glibc")
+    j = predict(s, r, "cpu", allocator="jemalloc")
+    assert g.terms["logits_and_loss"] == chunks + hidden
+    # checkpointing: the recomputed layer and its backward workspace come after the chunks are freed
+    assert j.terms["logits_and_loss"] == max(0, chunks - 2 * one_layer) + hidden
+    assert sum(j.terms.values()) == j.peak_bytes
+    # without checkpointing only the workspace comes after; a GPU keeps the summed form
+    nock = r.replace(gradient_checkpointing=False)
+    assert predict(s, nock, "cpu", allocator="jemalloc").terms["logits_and_loss"] == chunks - one_layer + hidden
+    assert predict(s, r, "cuda").terms["logits_and_loss"] == chunks + hidden
+
+
 def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=False):
     """Census: bytes autograd saves for one Llama layer (2-layer minus 1-layer model, parameters excluded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
