@@ -37,10 +37,11 @@ def worker(name: str, steps: int, out: Path) -> None:
     from qtrain.measure import machine_info, matmul_flops, mfu, peak_flops, peak_rss_bytes, train_flops_per_token
     from qtrain.recipe import load_recipe
 
-    method = "full" if "full" in name else "lora"
+    method = "full" if "full" in name else "qlora" if "qlora" in name else "lora"
     bf16 = name.endswith("-bf16")
     recipe = load_recipe(ROOT / "recipes" / f"cpu-{method}.yaml", [f"max_steps={steps}", "save_every=0",
                                                                    "warmup_steps=1", "val_max_sequences=4",
+                                                                   "gradient_checkpointing=false",
                                                                    f"dtype={'bfloat16' if bf16 else 'float32'}"])
     if name.startswith("qtrain"):
         from qtrain.train import fit

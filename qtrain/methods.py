@@ -85,6 +85,24 @@ def quantization_config(recipe: Recipe, device_type: str):
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
 
 
+def keep_4bit_differentiable(model: nn.Module) -> int:
+    """Keep gradients flowing through the frozen 4-bit base layers on a CPU; returns how many layers were set.
+
+    bitsandbytes (0.49-0.50) repacks a ``Linear4bit`` weight for its AVX512-BF16 CPU inference kernel the first
+    time the layer runs in eval mode without grad (qtrain's validation before training does), and every later
+    forward, in training too, then takes that kernel, which autograd cannot see through: the input gradient
+    through the frozen weights is silently dropped and only the adapters' own paths and the residual stream carry
+    gradient down. Measured on this project's AVX512-BF16 CPU: QLoRA "trained" at 215 tokens/s against LoRA's 163
+    with fewer matmuls in backward, and a higher validation loss. The repack is skipped by the module's own switch.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | None = None) -> nn.Module:
     """Return the model ready to train with ``recipe.method``; only the trainable parameters require grad."""
     if recipe.gradient_checkpointing:
@@ -105,6 +123,7 @@ def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | N
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=recipe.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+            keep_4bit_differentiable(model)
         targets = resolve_target_modules(model, recipe.target_modules)
         extra = {}
         if new_token_ids:

@@ -267,6 +267,46 @@ def test_qlora_trains_on_cpu_with_nf4_base(tmp_path, tiny_model_dir, code_dir):
     assert bnb is not None
 
 
+def test_qlora_gradients_flow_through_the_4bit_base_after_an_eval_forward(tmp_path, tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel after an eval forward (on AVX512-BF16 CPUs)
+    and then drops the input gradient through them in training; prepare_model keeps the differentiable path."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qtrain.methods import prepare_model, quantization_config
+    from qtrain.models import load_model, resolve_model_source
+    from qtrain.recipe import Recipe
+
+    wide = tmp_path / "wide"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(wide)
+    recipe = Recipe(method="qlora", lora_dropout=0.0, gradient_checkpointing=False)
+    x = torch.randint(0, len(tok), (1, 32))
+
+    def first_adapter_grad(eval_first: bool) -> torch.Tensor:
+        torch.manual_seed(1)
+        net = load_model(resolve_model_source(str(wide)), dtype=torch.float32,
+                         quantization_config=quantization_config(recipe, "cpu"), device_map={"": "cpu"})
+        net = prepare_model(net, recipe)
+        for n, p in net.named_parameters():  # nonzero B, so the adapters' own paths carry gradient too
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        if eval_first:
+            net.eval()
+            with torch.no_grad():
+                net(input_ids=x)
+        net.train()
+        net(input_ids=x, labels=x).loss.backward()
+        layer0 = [p.grad for n, p in net.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n]
+        return layer0[0].clone()
+
+    fresh, after_eval = first_adapter_grad(False), first_adapter_grad(True)
+    assert fresh.abs().sum() > 0
+    assert torch.allclose(fresh, after_eval, rtol=1e-4, atol=1e-6)
+
+
 def test_paged_optimizer_needs_cuda(tmp_path, tiny_model_dir, code_dir):
     from qtrain.recipe import RecipeError
 
