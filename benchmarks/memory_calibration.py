@@ -61,7 +61,7 @@ def worker(spec: dict, out: Path) -> None:
 
     recipe = load_recipe(None, [f"method={spec['method']}", f"gradient_checkpointing={spec['gc']}",
                                 f"seq_len={spec['seq']}", f"micro_batch_size={spec['mb']}",
-                                f"grad_accum_steps={spec.get('accum', 1)}",
+                                f"grad_accum_steps={spec.get('accum', 1)}", f"dtype={spec.get('dtype', 'float32')}",
                                 "max_steps=2", "save_every=0", "warmup_steps=1", "val_max_sequences=2"])
     pred = predict(model_shape(spec["model"]), recipe, "cpu")
     with tempfile.TemporaryDirectory() as d:
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--repeat", metavar="METHOD,CKPT,SEQ,MB[,ACCUM]",
                     help="one default-model variant, e.g. lora,on,512,1 (gradient accumulation 1 unless given)")
     ap.add_argument("--times", type=int, default=3)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="--repeat: the recipe's compute dtype (bfloat16: autocast over fp32 masters)")
     ap.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc",
                     help="jemalloc: every worker runs with the system libjemalloc preloaded (results *_jemalloc.*)")
     ap.add_argument("--worker")
@@ -102,7 +104,7 @@ def main() -> None:
         render(repredict(json.loads((RESULTS / f"memory_calibration{SUFFIX}.json").read_text())))
         return
     if args.repeat:
-        repeat(args.repeat, args.times)
+        repeat(args.repeat, args.times, args.dtype)
         return
     rows = []
     git = git_sha()  # the code that measured, before any edit made while it runs
@@ -168,14 +170,14 @@ def score(row: dict) -> dict:
     return row
 
 
-def repeat(variant: str, times: int) -> None:
+def repeat(variant: str, times: int, dtype: str = "float32") -> None:
     from qtrain.io import atomic_write_json, atomic_write_text
     from qtrain.measure import machine_info
 
     try:
         method, gc, seq, mb, *accum = variant.split(",")
         spec = {"model": None, "label": "SmolLM2-135M", "method": method, "gc": gc in ("on", "true", "1"),
-                "seq": int(seq), "mb": int(mb), "accum": int(accum[0]) if accum else 1}
+                "seq": int(seq), "mb": int(mb), "accum": int(accum[0]) if accum else 1, "dtype": dtype}
         if len(accum) > 1:
             raise ValueError
     except ValueError:
@@ -184,8 +186,10 @@ def repeat(variant: str, times: int) -> None:
     path = RESULTS / f"memory_repeats{SUFFIX}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "memory_repeats", "variants": {}}
     result["machine"] = machine_info()
-    result["variants"][variant] = {"git": git_sha(), "command": f"python benchmarks/memory_calibration.py --repeat "
-                                   f"{variant} --times {times}" + (f" --allocator {SUFFIX[1:]}" if SUFFIX else ""),
+    key = variant if dtype == "float32" else f"{variant} {dtype}"
+    result["variants"][key] = {"git": git_sha(), "command": f"python benchmarks/memory_calibration.py --repeat "
+                               f"{variant} --times {times}" + (f" --allocator {SUFFIX[1:]}" if SUFFIX else "")
+                               + (f" --dtype {dtype}" if dtype != "float32" else ""),
                                    "rows": rows}
     atomic_write_json(path, result)
     alloc = f", {SUFFIX[1:]} preloaded" if SUFFIX else ", glibc's allocator"

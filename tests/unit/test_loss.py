@@ -153,3 +153,15 @@ def test_fused_loss_matches_the_logits_path_across_families(family):
     for x, y in zip(ga, gb):
         if x is not None:
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_scales_its_saved_gradients_once_and_refuses_a_second_backward():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (1, 6))
+    out = fused_linear_cross_entropy(hidden, weight, labels) * 2.0
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        out.backward()
+
