@@ -357,15 +357,12 @@ def _sort_key(c: Candidate):
 
 
 def compute_dtype(device: str, method: str) -> str:
-    """The planner's compute dtype: bf16 autocast over fp32 masters on a GPU and on a CPU that multiplies bf16
-    natively (AVX512-BF16 / AMX), fp32 on other CPUs, where bf16 is emulated and slower. Measured side by side on
-    an AVX512-BF16 EPYC (benchmarks/results/fit_vs_trainer.md): LoRA 1.46x and full fine-tuning 1.34x the
-    tokens/s of fp32, at a lower peak. QLoRA on a CPU stays fp32: bitsandbytes' CPU 4-bit path computes in fp32."""
-    if device.startswith("cuda"):
-        return "bfloat16"
-    from qtrain.measure import cpu_has_native_bf16
-
-    return "bfloat16" if method != "qlora" and cpu_has_native_bf16() else "float32"
+    """The planner's compute dtype: bf16 autocast over fp32 masters on a GPU, fp32 on a CPU. On an AVX512-BF16
+    CPU bf16 trained full fine-tuning 1.40x and LoRA 1.52x as fast (benchmarks/results/fit_vs_trainer.md), but the
+    memory model under-predicts bf16 peaks there (full 8x512: -12%, LoRA: -8..-16%;
+    benchmarks/results/memory_repeats_jemalloc.md), and an under-prediction crashes a run: `dtype=bfloat16`
+    opts in until those terms are measured and fitted."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def candidate_recipes(base: Recipe, device: str, methods=("full", "lora", "qlora"), devices: int = 1) -> list[Recipe]:

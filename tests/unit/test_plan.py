@@ -88,17 +88,12 @@ def test_jemalloc_lets_backward_reuse_the_fused_loss_chunks_and_glibc_sums_them(
     assert predict(s, r, "cuda").terms["logits_and_loss"] == chunks + hidden
 
 
-def test_compute_dtype_is_bf16_where_the_device_multiplies_it_natively(monkeypatch):
-    from qtrain import measure
+def test_compute_dtype_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
     from qtrain.plan import candidate_recipes, compute_dtype
 
-    for native in (True, False):
-        monkeypatch.setattr(measure, "cpu_has_native_bf16", lambda native=native: native)
-        assert compute_dtype("cpu", "lora") == compute_dtype("cpu", "full") == ("bfloat16" if native else "float32")
-        assert compute_dtype("cpu", "qlora") == "float32"  # bitsandbytes' CPU 4-bit path computes in fp32
-        assert compute_dtype("cuda", "full") == compute_dtype("cuda", "qlora") == "bfloat16"
-        dtypes = {(r.method, r.dtype) for r in candidate_recipes(Recipe(), "cpu")}
-        assert ("lora", "bfloat16" if native else "float32") in dtypes and ("qlora", "float32") in dtypes
+    for method in ("full", "lora", "qlora"):
+        assert compute_dtype("cuda", method) == "bfloat16" and compute_dtype("cpu", method) == "float32"
+    assert {r.dtype for r in candidate_recipes(Recipe(), "cpu")} == {"float32"}
 
 
 def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=False):
