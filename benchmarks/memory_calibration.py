@@ -190,7 +190,7 @@ def repeat(variant: str, times: int, dtype: str = "float32") -> None:
     result["variants"][key] = {"git": git_sha(), "command": f"python benchmarks/memory_calibration.py --repeat "
                                f"{variant} --times {times}" + (f" --allocator {SUFFIX[1:]}" if SUFFIX else "")
                                + (f" --dtype {dtype}" if dtype != "float32" else ""),
-                                   "rows": rows}
+                               "rows": rows}
     atomic_write_json(path, result)
     alloc = f", {SUFFIX[1:]} preloaded" if SUFFIX else ", glibc's allocator"
     lines = [f"# Run-to-run spread of peak RSS (identical runs, each in a fresh process{alloc})", "",

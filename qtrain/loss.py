@@ -67,10 +67,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + chunk_rows] = grad @ weight
                 if need_w:
-                    if hidden.dtype == acc:
-                        grad_w.addmm_(grad.t(), h)
-                    else:  # bf16/fp16 under autocast: the chunk's product at the compute dtype's matmul rate
-                        grad_w.add_(grad.t() @ h)
+                    grad_w.addmm_(grad.t().to(acc), h.to(acc))
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.weight_dtype = weight.dtype
         ctx.consumed = False
@@ -273,10 +270,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + chunk_rows] = grad @ weight
                 if need_w:
-                    if hidden.dtype == acc:
-                        grad_w.addmm_(grad.t(), h)
-                    else:  # bf16/fp16 under autocast: the chunk's product at the compute dtype's matmul rate
-                        grad_w.add_(grad.t() @ h)
+                    grad_w.addmm_(grad.t().to(acc), h.to(acc))
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.weight_dtype = weight.dtype
         return total

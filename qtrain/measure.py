@@ -167,22 +167,6 @@ def machine_info() -> dict:
     return info
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags).
-    There oneDNN's bf16 matmuls run at ~2.2x fp32's rate (AMD EPYC, 2 threads: 422 against 190 GFLOP/s);
-    without it bf16 is emulated and slower than fp32. False where the flags cannot be read (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")

@@ -61,13 +61,13 @@ FULL_GRADIENT_OVERLAP = {"glibc": 0.2, "jemalloc": 0.0}
 HOST_HEAP = {"jemalloc": (585 * 2**20, 0.10)}  # heap -> (runtime bytes, fragmentation share)
 LOAD_WEIGHT_COPIES = {"glibc": 2, "glibc-bounded": 2, "jemalloc": 1.5}
 ALLOCATOR_RETENTION = 0.75
+ALLOCATOR_RETENTION_CHECKPOINTED = 0.90
 # Heaps whose freed blocks are reused for the next allocations of similar size, so the fused loss's logits chunks
 # (freed at the end of the forward pass) and the backward's tensors (allocated after) share memory; measured on
 # the held-out shapes of benchmarks/plan_heldout.py, where summing both over-predicted every checkpointed LoRA
 # variant by 3-17% with jemalloc. glibc's heap keeps the summed form: it is what its retention constants were
 # fitted with, and its runs spread by up to 9% from one to the next (planned to their upper spread).
 LOSS_CHUNKS_REUSED = ("jemalloc",)
-ALLOCATOR_RETENTION_CHECKPOINTED = 0.90
 
 
 class BudgetError(QtrainError, ValueError):
