@@ -27,14 +27,16 @@ BASE_PPL_GOAL_FACTOR = 3  # the issue's goal: the ternary model within 3x the ba
 RUNS = {  # name: (recipe, overrides)
     "full fp32": ("cpu-full.yaml", []),
     "LoRA r16": ("cpu-lora.yaml", []),
-    "BitNet": ("cpu-bitnet.yaml", ["distill_weight=0"]),
-    "BitNet + distillation": ("cpu-bitnet.yaml", []),
+    "BitNet": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean"]),
+    "BitNet (GPTQ start)": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=gptq"]),
+    "BitNet + distillation": ("cpu-bitnet.yaml", ["distill_weight=0.5", "bitnet_start=absmean"]),
 }
 
 
-def train(work: Path, minutes: float, eval_every: int, val_sequences: int) -> dict:
+def train(work: Path, minutes: float, eval_every: int, val_sequences: int, names: list[str]) -> dict:
     out = {}
-    for name, (recipe, extra) in RUNS.items():
+    for name in names:
+        recipe, extra = RUNS[name]
         run = work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         cmd = [sys.executable, "-m", "qtrain", "fit", "--recipe", f"recipes/{recipe}", "-o", str(run), "--overwrite",
                "--time", f"{minutes}m", "max_steps=100000", f"eval_every={eval_every}", "save_every=0",
@@ -65,9 +67,12 @@ def train(work: Path, minutes: float, eval_every: int, val_sequences: int) -> di
     return out
 
 
-def loaded_back(run_dir: str, val_sequences: int) -> dict:
+def loaded_back(run_dir: str | None, val_sequences: int) -> dict:
     """The saved packed model (bf16 embeddings and norms) scored through transformers' BitLinear on the
-    validation split the run used, against the training-time forward's perplexity in its summary."""
+    validation split the run used, against the training-time forward's perplexity in its summary; with no
+    ``run_dir``, the default (pretrained) model on the same split."""
+    load = (f"load_trained({run_dir!r})" if run_dir else
+            "__import__('qtrain.models').models.load_model(resolve_model_source(None), dtype=torch.float32)")
     code = f"""
 import json, math, torch
 from qtrain.recipe import load_recipe
@@ -77,7 +82,7 @@ from qtrain.train import build_data
 from qtrain.loss import forward_loss_sum, fused_head
 recipe = load_recipe("recipes/cpu-bitnet.yaml", ["val_max_sequences={val_sequences}"])
 packed = build_data(None, recipe, load_tokenizer(resolve_model_source(None)))
-model = load_trained({run_dir!r}).eval()
+model = {load}.eval()
 total = n = 0
 with torch.no_grad():
     for s in range(0, len(packed.val_ids), 4):
@@ -88,7 +93,7 @@ print(json.dumps({{"val_ppl": math.exp(total / n), "layer": type(model.model.lay
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    files = {p.name: p.stat().st_size for p in Path(run_dir).glob("*.safetensors")}
+    files = {p.name: p.stat().st_size for p in Path(run_dir).glob("*.safetensors")} if run_dir else {}
     return {**got, "model_file_bytes": sum(files.values())}
 
 
@@ -150,7 +155,7 @@ def render(r: dict) -> str:
     for name, run in r["runs"].items():
         pts = ", ".join(f"{p['train_seconds'] / 60:.1f}: {p['val_ppl']:,.1f}" for p in run["val_curve"])
         lines.append(f"- {name}: {pts}")
-    lines += ["", "![curves](bitnet_distill.png)", "", f"Goal: {r['goal_ppl']:.1f} (3x the base model's "
+    lines += ["", f"![curves]({r.get('name', 'bitnet_distill')}.png)", "", f"Goal: {r['goal_ppl']:.1f} (3x the base model's "
               f"{r['base_ppl']:.2f})."]
     for name, ex in r["extrapolation"].items():
         if ex is None:
@@ -163,7 +168,7 @@ def render(r: dict) -> str:
     lb = r.get("loaded_back")
     if lb:
         lines += ["", "## The saved ternary model, loaded back", "",
-                  f"The distilled run's directory ({lb['model_file_bytes'] / 1e6:.1f} MB of safetensors, bf16 "
+                  f"The {lb.get('run', 'BitNet + distillation')} run's directory ({lb['model_file_bytes'] / 1e6:.1f} MB of safetensors, bf16 "
                   f"embeddings and norms, 2-bit layers) loads as transformers `{lb['layer']}` layers; validation "
                   f"perplexity {lb['val_ppl']:,.2f} there against {lb['training_ppl']:,.2f} from the training-time "
                   f"forward (fp32 embeddings): a ratio of {lb['val_ppl'] / lb['training_ppl']:.4f}."]
@@ -177,9 +182,15 @@ def main() -> None:
     ap.add_argument("--val-sequences", type=int, default=16)
     ap.add_argument("--keep", help="keep the run directories here")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
+    ap.add_argument("--name", default="bitnet_distill", help="results file name (benchmarks/results/NAME.*)")
     args = ap.parse_args()
+    names = [n.strip() for n in args.runs.split(",")]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
     if args.render_only:
-        result = json.loads((RESULTS / "bitnet_distill.json").read_text())
+        result = json.loads((RESULTS / f"{args.name}.json").read_text())
         for run in result["runs"].values():  # drop a final point repeated from the last evaluation
             c = run["val_curve"]
             run["val_curve"] = [p for i, p in enumerate(c) if i == 0 or p["step"] != c[i - 1]["step"]]
@@ -187,20 +198,27 @@ def main() -> None:
                                    for n, r in result["runs"].items() if n.startswith("BitNet")}
     else:
         work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qtrain-bitnet-distill-"))
-        runs = train(work, args.minutes, args.eval_every, args.val_sequences)
-        base_ppl = runs["full fp32"]["summary"]["val_perplexity_before"]
+        runs = train(work, args.minutes, args.eval_every, args.val_sequences, names)
+        plain = [r for n, r in runs.items() if not n.startswith("BitNet")]
+        base_ppl = (plain[0]["summary"]["val_perplexity_before"] if plain else
+                    round(loaded_back(None, args.val_sequences)["val_ppl"], 3))
         goal = BASE_PPL_GOAL_FACTOR * base_ppl
-        distilled = runs["BitNet + distillation"]
-        back = loaded_back(distilled["dir"], args.val_sequences)
-        back["training_ppl"] = distilled["summary"]["val_perplexity_after"]
-        result = header("bitnet_distill", command=f"python benchmarks/bitnet_distill.py --minutes {args.minutes:g} "
-                        f"--eval-every {args.eval_every} --val-sequences {args.val_sequences}",
+        ternary = [r for n, r in runs.items() if n.startswith("BitNet")]
+        back = None
+        if ternary:  # the last ternary run's saved directory, loaded back
+            back = loaded_back(ternary[-1]["dir"], args.val_sequences)
+            back["training_ppl"] = ternary[-1]["summary"]["val_perplexity_after"]
+            back["run"] = [n for n, r in runs.items() if r is ternary[-1]][0]
+        result = header(args.name, command=f"python benchmarks/bitnet_distill.py --minutes {args.minutes:g} "
+                        f"--eval-every {args.eval_every} --val-sequences {args.val_sequences}"
+                        + (f" --runs '{args.runs}' --name {args.name}" if args.name != "bitnet_distill" else ""),
                         minutes=args.minutes, val_tokens=args.val_sequences * 512, base_ppl=base_ppl, goal_ppl=goal,
                         runs=runs, loaded_back=back,
                         extrapolation={n: extrapolate(r["val_curve"], goal) for n, r in runs.items()
                                        if n.startswith("BitNet")})
-    write_results("bitnet_distill", result, render(result))
-    plot(result, RESULTS / "bitnet_distill.png")
+    result["name"] = args.name
+    write_results(args.name, result, render(result))
+    plot(result, RESULTS / f"{args.name}.png")
     print(render(result))
 
 

@@ -21,6 +21,8 @@ import torch
 
 from common import header, write_results  # noqa: E402 - benchmarks/common.py, beside this script
 
+from qtrain.bitnet_gptq import SCALE_MULTIPLIERS as SCALES  # noqa: E402
+
 # name: (what it is, where it can be stored)
 OPTIONS = {
     "absmean, per tensor": ("the paper's: scale 1 / mean|W| per tensor, round to {-1, 0, 1}",
@@ -61,6 +63,33 @@ def ternary(w: torch.Tensor, option: str) -> torch.Tensor:
     return best
 
 
+def gptq_row(model, packed, shadow, n: int) -> dict:
+    """The error-compensating start (qtrain/bitnet_gptq.py) through the training layers themselves, calibrated on
+    the first ``n`` training sequences (never the validation split); the shadow weights are restored after."""
+    from qtrain import bitnet
+    from qtrain.bitnet_gptq import gptq_start
+
+    layers = bitnet.layers(model)
+    for name, m in layers.items():  # gptq_start writes into the weights in place: keep ``shadow`` the original
+        m.weight.data = shadow[name].clone()
+    report = gptq_start(model, packed.train_ids[:n], progress=print)
+    deq = {}
+    for name, m in layers.items():
+        t, inv = bitnet.ternarize(m.weight)
+        deq[name] = t / inv
+    err = sum(float(((shadow[n_] - deq[n_]) ** 2).sum()) for n_ in layers)
+    norm = sum(float((w ** 2).sum()) for w in shadow.values())
+    row = {"option": "GPTQ, per tensor (block by block)", "relative_weight_error": round(err / norm, 4),
+           "val_ppl": round(val_perplexity(model, packed), 1), "gptq": report,
+           "what": f"error-compensating rounding onto {{-1, 0, 1}} x s, s the best of {len(SCALES)} multiples of "
+                   f"mean|W|, calibrated on {report['calibration_tokens']:,} training tokens "
+                   f"({report['seconds']:.0f} s)",
+           "carried_by": "transformers BitLinear (packed), GGUF TQ2_0 / TQ1_0"}
+    for name, m in layers.items():
+        m.weight.data = shadow[name].clone()
+    return row
+
+
 def val_perplexity(model, packed, batch: int = 4) -> float:
     from qtrain.loss import forward_loss_sum, fused_head
 
@@ -78,6 +107,8 @@ def val_perplexity(model, packed, batch: int = 4) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--val-sequences", type=int, default=16, help="validation sequences of 512 tokens")
+    ap.add_argument("--calib-sequences", type=int, default=16,
+                    help="training sequences of 512 tokens that calibrate the GPTQ start")
     args = ap.parse_args()
 
     from qtrain import bitnet
@@ -113,6 +144,8 @@ def main() -> None:
     bitnet.set_strength(base, 1.0)
     # the absmean layer itself (the training forward) must agree with the hooked emulation above
     training_forward_ppl = round(val_perplexity(base, packed), 1)
+    rows.append(gptq_row(base, packed, shadow, args.calib_sequences))
+    print(rows[-1], flush=True)
 
     sizes = file_sizes(base, tok, source, packed)
     result = header("bitnet_start", command=f"python benchmarks/bitnet_start.py --val-sequences {args.val_sequences}",

@@ -26,6 +26,7 @@ InstructionTemplate = Literal["auto", "chat", "alpaca"]
 FimMode = Literal["psm", "spm", "mixed"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+BitnetStart = Literal["absmean", "gptq"]
 
 # Target-module presets of the full-vs-LoRA trade-off study of small code models ("Attention Modules", "Fully Connected Module",
 # "Language Feature Modules") plus the usual all-linear. Resolved against the real module names of
@@ -96,6 +97,12 @@ class Recipe:
     # ternary layer's activation quantisation
     bitnet_warmup_steps: int = 0
     bitnet_rms_norm: bool = False
+    # Where the ternary layers start (qtrain/bitnet_gptq.py): "absmean" rounds each pretrained weight to the
+    # nearest of {-1, 0, 1} x mean|W| (the paper's); "gptq" rounds with error compensation, calibrated block by
+    # block on the first bitnet_calib_sequences training sequences (one scale per tensor either way, so the
+    # saved formats are the same). Ignored when the model is already ternary (a packed checkpoint).
+    bitnet_start: BitnetStart = "absmean"
+    bitnet_calib_sequences: int = 16
     # Knowledge distillation from the model as it was before training (the frozen teacher): the objective is
     # (1 - distill_weight) * cross-entropy + distill_weight * T^2 * KL(teacher || student) at temperature
     # T = distill_temperature, per target token (qtrain/loss.py). 0 = off. The teacher costs its weights in
@@ -115,7 +122,7 @@ class Recipe:
     def __post_init__(self) -> None:
         _check_types(self)
         positive = ("seq_len", "micro_batch_size", "grad_accum_steps", "max_steps", "val_max_sequences",
-                    "lora_r", "log_every", "max_file_bytes")
+                    "lora_r", "log_every", "max_file_bytes", "bitnet_calib_sequences")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"recipe key '{key}' must be > 0, got {getattr(self, key)!r}")

@@ -750,7 +750,7 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
                         f"{rep['dropped_total']} dropped {rep['dropped']}; {rep['train_docs']} train / {rep['val_docs']} "
                         f"val documents -> {rep['train_sequences']} x {recipe.seq_len} training tokens, "
                         f"{rep['val_sequences']} validation sequences")
-    net, teacher = _load_prepared_model(recipe, source, tokenizer, packed, accelerator)
+    net, teacher = _load_prepared_model(recipe, source, tokenizer, packed, accelerator, fresh=not resume)
     if accelerator.is_main_process:  # model and data loaded fine: only now may --overwrite clear the old run
         prepare_output_dir(run_dir, resume, overwrite)
     accelerator.wait_for_everyone()
@@ -783,9 +783,11 @@ def weights_dtype(recipe: Recipe) -> torch.dtype:
     return getattr(torch, recipe.dtype)
 
 
-def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed: PackedData, accelerator):
+def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed: PackedData, accelerator,
+                         fresh: bool = True):
     """The base model in the recipe's dtype (and quantization), with FIM tokens added and the method applied;
-    and the distillation teacher (a frozen copy from before the method was applied), or None."""
+    and the distillation teacher (a frozen copy from before the method was applied), or None. ``fresh``: a new
+    run, not a resumed one (a resumed run loads its trained weights, so a BitNet start is not computed)."""
     from qtrain import bitnet
     from qtrain.models import load_config
 
@@ -814,7 +816,22 @@ def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed:
         teacher.requires_grad_(False)
         _print(accelerator, f"distillation: teacher is the model before training ({recipe.distill_teacher_dtype}), "
                             f"weight {recipe.distill_weight:g}, temperature {recipe.distill_temperature:g}")
-    return prepare_model(net, recipe, packed.new_token_ids), teacher
+    net = prepare_model(net, recipe, packed.new_token_ids)
+    if recipe.method == "bitnet" and recipe.bitnet_start == "gptq" and fresh and not ternary:
+        _gptq_start(net, packed, recipe, accelerator)
+    return net, teacher
+
+
+def _gptq_start(net, packed: PackedData, recipe: Recipe, accelerator) -> None:
+    """The error-compensating ternary start (qtrain/bitnet_gptq.py) on the first training sequences; every
+    process computes the same one from the same data."""
+    from qtrain.bitnet_gptq import gptq_start
+
+    calib = packed.train_ids[: recipe.bitnet_calib_sequences].to(accelerator.device)
+    _print(accelerator, f"bitnet start: GPTQ onto the ternary grid, calibrated on {calib.numel():,} training tokens")
+    report = gptq_start(net, calib, progress=lambda line: log.info(line))
+    _print(accelerator, f"bitnet start: {report['layers']} layers in {report['seconds']:.0f} s; output error "
+                        f"{report['output_error_vs_absmean']:.2f}x that of absmean rounding on the calibration inputs")
 
 
 def make_optimizer(groups, recipe: Recipe, device: torch.device):

@@ -133,7 +133,9 @@ def test_packed_round_trip_matches_the_training_forward(tmp_path, tiny_model_dir
 
 
 def test_bitnet_fit_checkpoint_resume_and_load(tmp_path, tiny_model_dir, code_dir, monkeypatch):
-    extra = ["bitnet_warmup_steps=4", "save_every=100", "gradient_checkpointing=true"]
+    # the GPTQ start runs on the fresh runs; the resumed one loads its checkpoint instead and must still agree
+    extra = ["bitnet_warmup_steps=4", "save_every=100", "gradient_checkpointing=true", "bitnet_start=gptq",
+             "bitnet_calib_sequences=2"]
     straight = fit(load_recipe(None, TINY + ["max_steps=6", *extra]), model=str(tiny_model_dir),
                    data=str(code_dir), output=tmp_path / "straight")
     lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -360,3 +362,42 @@ def test_lora_on_a_frozen_ternary_base_saves_adapters_and_refuses_to_merge(packe
     assert _val_loss(model, recipe, code_dir, tiny_model_dir) == pytest.approx(summary["val_loss_after"], rel=1e-5)
     with pytest.raises(ModelError, match="merging is refused"):
         load_merged(tmp_path / "lora")
+
+
+def test_gptq_shadow_weights_ternarise_back_to_the_gptq_values_and_scale():
+    from qtrain.bitnet_gptq import gptq_ternary, shadow_for
+
+    torch.manual_seed(0)
+    w = torch.randn(24, 40) * 0.05
+    x = torch.randn(200, 40) * torch.linspace(0.2, 3, 40)  # inputs of uneven energy, as a layer sees
+    h = x.T @ x
+    scale = float(w.abs().mean())
+    t, resid = gptq_ternary(w, h, scale)
+    assert set(t.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    shadow = shadow_for(t, resid, scale)
+    t2, inv = bitnet.ternarize(shadow)  # what the training layer computes from the shadow weights
+    assert torch.equal(t2.double(), t)
+    assert float(1 / inv) == pytest.approx(scale, rel=1e-5)
+    zeros = t == 0  # the residuals stay, so the straight-through estimator still sees what is near a threshold
+    assert float(shadow[zeros].abs().max()) > 0.2 * scale
+
+
+def test_gptq_start_lowers_the_output_error_of_rounding_and_keeps_the_forward_reproducible(tiny_model_dir):
+    """On calibration inputs GPTQ's ternary layers reproduce the layer outputs better than absmean rounding does
+    (the quantity it minimises; summed over layers); the training forward at strength 1 is what it set."""
+    from transformers import AutoModelForCausalLM
+
+    from qtrain.bitnet_gptq import gptq_start
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    bitnet.convert(model)
+    calib = torch.randint(0, model.config.vocab_size, (4, 32))
+    seen = []
+    report = gptq_start(model, calib, progress=seen.append)
+    assert report["layers"] == 14 and report["calibration_tokens"] == 128
+    assert report["output_error_vs_absmean"] < 1.0
+    assert len(seen) == 2  # one line per decoder block
+    for m in bitnet.layers(model).values():
+        t, inv = bitnet.ternarize(m.weight)
+        assert set(t.unique().tolist()) <= {-1.0, 0.0, 1.0} and torch.isfinite(inv)
