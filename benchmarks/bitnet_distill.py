@@ -139,7 +139,10 @@ def plot(result: dict, path: Path) -> None:
 
 def render(r: dict) -> str:
     m = r["machine"]
-    lines = ["# BitNet b1.58 with and without distillation, against full fine-tuning and LoRA", "",
+    title = ("BitNet b1.58 with and without distillation, against full fine-tuning and LoRA"
+             if set(r["runs"]) == set(RUNS) - {"BitNet (GPTQ start)"} else
+             "BitNet b1.58 at equal wall-clock: " + ", ".join(r["runs"]))
+    lines = [f"# {title}", "",
              f"Machine: {m.get('cpu')} ({m.get('cores')} cores); git {r['git']}. Reproduce: `{r['command']}`. "
              f"{r['minutes']:g} minutes of `qtrain fit --time` per run, one after the other; same data (the "
              f"embedded standard-library corpus), seed and validation split ({r['val_tokens']:,} tokens). "
