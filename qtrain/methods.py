@@ -103,6 +103,52 @@ def keep_4bit_differentiable(model: nn.Module) -> int:
     return n
 
 
+class _QuietInt8Cast(logging.Filter):
+    """bitsandbytes logs "inputs will be cast from float32 to float16" on every int8 matmul call: hundreds of
+    lines per teacher forward. The cast is the method (LLM.int8() quantises activations from fp16), not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in record.getMessage()
+
+
+def quantize_frozen_linears(model: nn.Module, kind: str, device: torch.device) -> int:
+    """Hold a frozen model's linear layers (a distillation teacher's) in bitsandbytes ``int8`` (LLM.int8(): row-wise
+    absmax, outlier columns above 6.0 kept in fp16) or ``nf4`` (QLoRA's, double-quantised), in place; returns how
+    many layers were replaced. Embeddings and the LM head stay as they are: the fused distillation loss multiplies
+    the teacher's last hidden states by the head's weight itself. Layers are swapped one at a time, so the model's
+    float copy is given back layer by layer. Compute runs in bf16 on CUDA and fp32 on a CPU (as QLoRA's)."""
+    import bitsandbytes as bnb
+
+    if kind not in ("int8", "nf4"):
+        raise ValueError(f"quantize_frozen_linears: kind {kind!r} is not int8 or nf4")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+             and type(m).__name__ not in ("Linear4bit", "Linear8bitLt")]
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietInt8Cast())
+    for name in names:
+        old = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        bias = old.bias is not None
+        weight = old.weight.data.detach().to("cpu", torch.float32)
+        if kind == "nf4":
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=bias, compute_dtype=compute,
+                                    quant_type="nf4", compress_statistics=True, device="meta")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        else:
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=bias, has_fp16_weights=False,
+                                      threshold=6.0, device="meta")
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if bias:
+            new.bias = nn.Parameter(old.bias.data.detach().to("cpu", compute), requires_grad=False)
+        new = new.to(device)  # quantises here
+        new.requires_grad_(False)
+        new.eval()
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        del old, weight
+    return len(names)
+
+
 def prepare_model(model: nn.Module, recipe: Recipe, new_token_ids: list[int] | None = None) -> nn.Module:
     """Return the model ready to train with ``recipe.method``; only the trainable parameters require grad."""
     if recipe.gradient_checkpointing:

@@ -211,8 +211,7 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32 (and the teacher's two)
         terms["logits_and_loss"] = tokens * shape.vocab * 4 * (5 if distill else 3)
     if distill:
-        teacher_b = DTYPE_BYTES[recipe.distill_teacher_dtype]
-        terms["teacher_weights"] = shape.total_params() * teacher_b
+        terms["teacher_weights"], teacher_b = _teacher_bytes(shape, recipe.distill_teacher_dtype, device)
         # its forward keeps no activations: one layer's tensors in flight, and its last hidden states
         terms["teacher_forward"] = tokens * (shape.hidden * 4 + (2 * shape.hidden + 2 * shape.intermediate) * teacher_b)
     kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -246,6 +245,18 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # DDP overlaps its bucketed all-reduce with backward): an upper bound on a slow interconnect
     tps = ASSUMED_MFU * peak_flops / flops * devices
     return Prediction(terms, peak, tps, load_peak)
+
+
+def _teacher_bytes(shape: ModelShape, dtype: str, device: str) -> tuple[int, int]:
+    """A distillation teacher's weights in bytes, and the bytes per element its forward computes in. int8 and nf4
+    hold the decoder's linear layers in bitsandbytes' formats (int8: one byte a weight and one fp32 scale a row;
+    nf4 as QLoRA's) around embeddings, norms and LM head in the compute dtype (bf16 on CUDA, fp32 on a CPU)."""
+    if dtype not in ("int8", "nf4"):
+        return shape.total_params() * DTYPE_BYTES[dtype], DTYPE_BYTES[dtype]
+    compute_b = 2 if device.startswith("cuda") else 4
+    layers = shape.n_layers * sum(shape.layer_linear_params().values())
+    per_weight = NF4_BYTES_PER_PARAM if dtype == "nf4" else 1 + 4 / shape.hidden
+    return int(layers * per_weight + (shape.total_params() - layers) * compute_b), compute_b
 
 
 def _host_heap_terms(terms: dict[str, int], shape: ModelShape, recipe: Recipe, heap: str, one_layer: int,

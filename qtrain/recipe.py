@@ -27,6 +27,7 @@ FimMode = Literal["psm", "spm", "mixed"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 BitnetStart = Literal["absmean", "gptq"]
+TeacherDtype = Literal["float32", "bfloat16", "float16", "int8", "nf4"]
 
 # Target-module presets of the full-vs-LoRA trade-off study of small code models ("Attention Modules", "Fully Connected Module",
 # "Language Feature Modules") plus the usual all-linear. Resolved against the real module names of
@@ -107,9 +108,11 @@ class Recipe:
     # (1 - distill_weight) * cross-entropy + distill_weight * T^2 * KL(teacher || student) at temperature
     # T = distill_temperature, per target token (qtrain/loss.py). 0 = off. The teacher costs its weights in
     # distill_teacher_dtype and one forward pass per micro-batch (about a third of a full fine-tuning step).
+    # int8 and nf4 hold its linear layers in bitsandbytes' formats (methods.quantize_frozen_linears); its
+    # embeddings and LM head stay fp32 (bf16 on CUDA).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
-    distill_teacher_dtype: Dtype = "float32"
+    distill_teacher_dtype: TeacherDtype = "float32"
     # Under several processes (accelerate launch): shard weights, gradients and optimizer states across them
     # (FSDP2 through accelerate) instead of holding a replica on each (DDP). What lets a run that one device cannot
     # hold train on several; it costs an all-gather of each layer's weights per forward and backward.

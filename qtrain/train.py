@@ -810,16 +810,34 @@ def _load_prepared_model(recipe: Recipe, source: ModelSource, tokenizer, packed:
         _print(accelerator, f"added FIM tokens {packed.new_token_ids} to the tokenizer and resized the embeddings")
     teacher = None
     if recipe.distill_weight > 0:
-        import copy
-
-        teacher = copy.deepcopy(net).to(device=device, dtype=getattr(torch, recipe.distill_teacher_dtype)).eval()
-        teacher.requires_grad_(False)
+        if ternary and recipe.distill_teacher_dtype in ("int8", "nf4"):
+            raise RecipeError(f"distill_teacher_dtype={recipe.distill_teacher_dtype} quantises a full-precision "
+                              f"teacher, but {source.name} is already ternary: use distill_teacher_dtype=float32 "
+                              "or bfloat16")
+        teacher = build_teacher(net, recipe.distill_teacher_dtype, device)
         _print(accelerator, f"distillation: teacher is the model before training ({recipe.distill_teacher_dtype}), "
                             f"weight {recipe.distill_weight:g}, temperature {recipe.distill_temperature:g}")
     net = prepare_model(net, recipe, packed.new_token_ids)
     if recipe.method == "bitnet" and recipe.bitnet_start == "gptq" and fresh and not ternary:
         _gptq_start(net, packed, recipe, accelerator)
     return net, teacher
+
+
+def build_teacher(net: torch.nn.Module, dtype: str, device: torch.device) -> torch.nn.Module:
+    """A frozen copy of ``net`` as it is now (the distillation teacher), in ``dtype``: a float dtype, or int8 /
+    nf4 linear layers (methods.quantize_frozen_linears) around fp32 embeddings and head (bf16 on CUDA)."""
+    import copy
+
+    from qtrain.methods import quantize_frozen_linears
+
+    quantized = dtype in ("int8", "nf4")
+    float_dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if quantized else getattr(torch, dtype)
+    teacher = copy.deepcopy(net).to(dtype=float_dtype)
+    if quantized:
+        quantize_frozen_linears(teacher, dtype, device)
+    teacher = teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def _gptq_start(net, packed: PackedData, recipe: Recipe, accelerator) -> None:

@@ -180,6 +180,56 @@ def test_distillation_starts_from_a_teacher_equal_to_the_student(tmp_path, tiny_
     assert summary["val_perplexity_after"] > 1.0
 
 
+@pytest.mark.parametrize("kind,tolerance", [("int8", 0.02), ("nf4", 0.25)])  # NF4: ~0.1 a weight, random init
+def test_a_quantized_teacher_keeps_head_and_embeddings_and_computes_near_the_float_model(kind, tolerance):
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtrain.methods import quantize_frozen_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        ref = model(ids).logits
+    teacher = copy.deepcopy(model)
+    assert quantize_frozen_linears(teacher, kind, torch.device("cpu")) == 2 * 7
+    mlp = teacher.model.layers[1].mlp.down_proj
+    assert type(mlp).__name__ == {"int8": "Linear8bitLt", "nf4": "Linear4bit"}[kind] and not mlp.weight.requires_grad
+    head = teacher.get_output_embeddings()
+    assert type(head) is nn.Linear and head.weight is teacher.get_input_embeddings().weight  # still tied, fp32
+    layer_bytes = sum(p.numel() * p.element_size() for p in teacher.model.layers.parameters())
+    assert layer_bytes < sum(p.numel() * p.element_size() for p in model.model.layers.parameters()) / 3
+    with torch.no_grad():
+        got = teacher(ids).logits
+    error = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < error < tolerance, error
+
+
+def test_distillation_from_an_nf4_teacher_trains_and_the_planner_counts_it_smaller(tmp_path, tiny_model_dir,
+                                                                                    code_dir):
+    """At strength 0 the student is the float model and the teacher its NF4 copy: the KL term is small but no
+    longer exactly 0 (against the float teacher's 0.0 in the test above)."""
+    from qtrain.plan import model_shape, predict
+    from qtrain.recipe import Recipe
+
+    recipe = load_recipe(None, TINY + ["max_steps=3", "bitnet_warmup_steps=2", "save_every=0", "distill_weight=1.0",
+                                       "distill_teacher_dtype=nf4"])
+    summary = fit(recipe, model=str(tiny_model_dir), data=str(code_dir), output=tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["bitnet_strength"] == 0.0 and 0.0 < lines[0]["loss"] < 0.05
+    assert summary["distill"]["teacher_dtype"] == "nf4" and summary["val_perplexity_after"] > 1.0
+    shape = model_shape(None)
+    weights = {d: predict(shape, Recipe(method="bitnet", seq_len=512, distill_weight=0.5, distill_teacher_dtype=d),
+                          "cpu").terms["teacher_weights"] for d in ("float32", "bfloat16", "int8", "nf4")}
+    assert weights["float32"] > weights["bfloat16"] > weights["int8"] > weights["nf4"]
+    # the embedding (tied head) stays fp32 on a CPU
+    assert weights["nf4"] > shape.vocab * shape.hidden * 4
+
+
 def test_distillation_is_refused_outside_bitnet():
     from qtrain.recipe import RecipeError
 
