@@ -111,6 +111,9 @@ class _QuietInt8Cast(logging.Filter):
         return "will be cast from" not in record.getMessage()
 
 
+_QUIET_INT8_CAST = _QuietInt8Cast()  # one instance: Logger.addFilter skips a filter it already holds
+
+
 def quantize_frozen_linears(model: nn.Module, kind: str, device: torch.device) -> int:
     """Hold a frozen model's linear layers (a distillation teacher's) in bitsandbytes ``int8`` (LLM.int8(): row-wise
     absmax, outlier columns above 6.0 kept in fp16) or ``nf4`` (QLoRA's, double-quantised), in place; returns how
@@ -125,7 +128,7 @@ def quantize_frozen_linears(model: nn.Module, kind: str, device: torch.device) -
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
              and type(m).__name__ not in ("Linear4bit", "Linear8bitLt")]
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietInt8Cast())
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QUIET_INT8_CAST)
     for name in names:
         old = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
