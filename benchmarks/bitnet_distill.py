@@ -5,8 +5,11 @@ ternary) is logged every few steps for the curves. Then the distilled run's pack
 transformers' BitLinear and scored on the same split, which states what the bf16 embeddings change.
 
     python benchmarks/bitnet_distill.py [--minutes 60] [--eval-every 4] [--keep DIR] [--render-only]
+    python benchmarks/bitnet_distill.py --combine bitnet_60min,bitnet_60min_plain --name bitnet_60min_all
 
-Writes benchmarks/results/bitnet_distill.{json,md,png}.
+Writes benchmarks/results/bitnet_distill.{json,md,png} (or NAME.*). Four 60-minute runs are four hours, more than
+one sitting here, so runs made by separate invocations (``--runs``, ``--name``) can be merged with ``--combine``:
+the table then names each part's command, revision and start, since the host's load differed between them.
 """
 
 from __future__ import annotations
@@ -146,7 +149,13 @@ def render(r: dict) -> str:
              f"Machine: {m.get('cpu')} ({m.get('cores')} cores); git {r['git']}. Reproduce: `{r['command']}`. "
              f"{r['minutes']:g} minutes of `qtrain fit --time` per run, one after the other; same data (the "
              f"embedded standard-library corpus), seed and validation split ({r['val_tokens']:,} tokens). "
-             "BitNet's validation is always fully ternary.", "",
+             "BitNet's validation is always fully ternary.", ""]
+    if r.get("parts"):
+        lines += ["The runs come from separate invocations on the same machine (its load differed between them):",
+                  ""] + [f"- {', '.join(p['runs'])}: git {p['git']}"
+                         + (f", started {p['started']}" if p.get("started") else "") + f"; `{p['command']}`"
+                         for p in r["parts"]] + [""]
+    lines += [
              "| run | steps | tokens | tok/s | peak RSS (GiB) | val ppl before | val ppl after |",
              "|---|---|---|---|---|---|---|"]
     for name, run in r["runs"].items():
@@ -178,6 +187,33 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(names: list[str]) -> dict:
+    """One result from several results files of runs made separately: runs in the order of RUNS, the base
+    perplexity from a full-precision run's "before" when one is there, each part's command and revision kept."""
+    parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    minutes = {p["minutes"] for p in parts}
+    if len(minutes) != 1:
+        raise SystemExit(f"--combine: the parts ran for different times {sorted(minutes)} minutes; "
+                         "combine only runs of equal wall-clock")
+    runs: dict = {}
+    for p in parts:
+        runs.update(p["runs"])
+    runs = {n: runs[n] for n in RUNS if n in runs}
+    plain = [r for n, r in runs.items() if not n.startswith("BitNet")]
+    base_ppl = plain[0]["summary"]["val_perplexity_before"] if plain else parts[0]["base_ppl"]
+    goal = BASE_PPL_GOAL_FACTOR * base_ppl
+    back = next((p["loaded_back"] for p in parts if p.get("loaded_back")), None)
+    first = parts[0]
+    return {**{k: first[k] for k in ("benchmark", "machine", "versions", "minutes", "val_tokens")},
+            "git": ", ".join(dict.fromkeys(p["git"] for p in parts)),
+            "command": " ; ".join(p["command"] for p in parts)
+            + f" ; python benchmarks/bitnet_distill.py --combine {','.join(names)}",
+            "parts": [{"name": n, "git": p["git"], "command": p["command"], "runs": list(p["runs"]),
+                       "started": p.get("started")} for n, p in zip(names, parts)],
+            "base_ppl": base_ppl, "goal_ppl": goal, "runs": runs, "loaded_back": back,
+            "extrapolation": {n: extrapolate(r["val_curve"], goal) for n, r in runs.items() if n.startswith("BitNet")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60)
@@ -187,12 +223,15 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     ap.add_argument("--name", default="bitnet_distill", help="results file name (benchmarks/results/NAME.*)")
+    ap.add_argument("--combine", help="comma-separated results names to merge into --name, instead of training")
     args = ap.parse_args()
     names = [n.strip() for n in args.runs.split(",")]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
-    if args.render_only:
+    if args.combine:
+        result = combine([n.strip() for n in args.combine.split(",")])
+    elif args.render_only:
         result = json.loads((RESULTS / f"{args.name}.json").read_text())
         for run in result["runs"].values():  # drop a final point repeated from the last evaluation
             c = run["val_curve"]
@@ -201,6 +240,7 @@ def main() -> None:
                                    for n, r in result["runs"].items() if n.startswith("BitNet")}
     else:
         work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qtrain-bitnet-distill-"))
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         runs = train(work, args.minutes, args.eval_every, args.val_sequences, names)
         plain = [r for n, r in runs.items() if not n.startswith("BitNet")]
         base_ppl = (plain[0]["summary"]["val_perplexity_before"] if plain else
@@ -215,7 +255,7 @@ def main() -> None:
         result = header(args.name, command=f"python benchmarks/bitnet_distill.py --minutes {args.minutes:g} "
                         f"--eval-every {args.eval_every} --val-sequences {args.val_sequences}"
                         + (f" --runs '{args.runs}' --name {args.name}" if args.name != "bitnet_distill" else ""),
-                        minutes=args.minutes, val_tokens=args.val_sequences * 512, base_ppl=base_ppl, goal_ppl=goal,
+                        started=started, minutes=args.minutes, val_tokens=args.val_sequences * 512, base_ppl=base_ppl, goal_ppl=goal,
                         runs=runs, loaded_back=back,
                         extrapolation={n: extrapolate(r["val_curve"], goal) for n, r in runs.items()
                                        if n.startswith("BitNet")})

@@ -15,7 +15,8 @@ which weights lie near a rounding threshold.
 
 Why not a library: AutoGPTQ/GPTQModel and optimum's GPTQ quantise to 2-8 bit integer grids with a scale (and
 zero point) per group; none rounds onto a ternary grid with one scale per tensor, the only layout that
-transformers' BitLinear loads. The column loop is the one in qtrain/export/gptq.py with the ternary grid.
+transformers' BitLinear loads. The Hessians, the damped inverse factor and the column loop are the int4
+export's (qtrain/export/gptq.py); only the grid is ternary here.
 """
 
 from __future__ import annotations
@@ -29,16 +30,12 @@ import torch
 from torch import nn
 
 from qtrain import bitnet
+from qtrain.export.gptq import collect_hessians, damped_problem, gptq_columns, inverse_factor
 
 log = logging.getLogger(__name__)
 
 SCALE_MULTIPLIERS = (0.7, 0.85, 1.0, 1.2, 1.45)  # of mean|W|; the one with the least calibration error is kept
 CLIP = 0.499  # a zero's residual stays strictly inside (-s/2, s/2), so it rounds back to zero
-
-
-class _Stop(Exception):
-    """Raised by a hook once every layer of the block being calibrated has seen its input: the rest of the
-    forward pass is not needed."""
 
 
 @torch.no_grad()
@@ -50,32 +47,20 @@ def gptq_ternary(w: torch.Tensor, h: torch.Tensor, scale: float | torch.Tensor, 
     as one stacked matrix: one column loop instead of one per candidate). Returns (ternary values [out, in],
     the residual at rounding time: the value GPTQ had moved the weight to, minus its ternary value x scale).
     The inverse Hessian is factored in float64 and the column loop runs in float32 (it is most of the time)."""
-    w = w.detach().float().clone()
-    cols = w.shape[1]
-    h = h.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    w, h = damped_problem(w.float(), h, damp)
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).expand(w.shape[0])
     t = torch.zeros_like(w)
     resid = torch.zeros_like(w)
-    for i1 in range(0, cols, lazy):
-        i2 = min(i1 + lazy, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            x = w1[:, i]
-            q = (x / scale).round_().clamp_(-1, 1)
-            t[:, i1 + i] = q
-            r = resid[:, i1 + i]
-            torch.sub(x, q * scale, out=r)
-            e = r / hinv1[i, i]
-            w1[:, i:].sub_(e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize(w1: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        x = w1[:, i]
+        q = (x / scale).round_().clamp_(-1, 1)
+        t[:, col] = q
+        value = q * scale
+        torch.sub(x, value, out=resid[:, col])
+        return value
+
+    gptq_columns(w, inverse_factor(h).float(), quantize, lazy)
     return t, resid
 
 
@@ -123,41 +108,6 @@ def _block_of(name: str) -> str:
     return m.group(1) if m else ""
 
 
-def _hessians(model: nn.Module, calib: torch.Tensor, mods: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Sum of x x^T over the calibration inputs of each module in ``mods``; the forward pass stops once all
-    of them have seen their input. Layers fed the same tensor (q/k/v, gate/up) share one product."""
-    hs: dict[str, torch.Tensor] = {}
-    fired: set[str] = set()
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook_for(name: str):
-        def hook(_m, args):
-            x = args[0].detach()
-            key = x.data_ptr()
-            if key not in seen or seen[key][0] is not x:
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                seen[key] = (x, (x2.T @ x2).double())
-            hs[name] = hs[name] + seen[key][1] if name in hs else seen[key][1].clone()
-            fired.add(name)
-            if len(fired) == len(mods):
-                raise _Stop
-        return hook
-
-    hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in mods.items()]
-    try:
-        for i in range(len(calib)):
-            fired.clear()
-            seen.clear()
-            try:
-                model(input_ids=calib[i:i + 1], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return hs
-
-
 @torch.no_grad()
 def gptq_start(model: nn.Module, calib: torch.Tensor, damp: float = 0.01,
                progress: Callable[[str], None] | None = None) -> dict:
@@ -177,7 +127,7 @@ def gptq_start(model: nn.Module, calib: torch.Tensor, damp: float = 0.01,
     err_gptq = err_absmean = 0.0
     try:
         for k, (block, mods) in enumerate(groups.items()):
-            hs = _hessians(model, calib, mods)
+            hs = collect_hessians(model, calib, list(mods))
             for n, m in mods.items():
                 w = m.weight.detach().float()
                 absmean = float(w.abs().mean().clamp(min=1e-8))

@@ -18,6 +18,7 @@ graph, kernels and loading stay onnxruntime's.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,45 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: int, zeros: tor
     return (g * scales.unsqueeze(-1)).reshape(rows, cols)
 
 
+def damped_problem(w: torch.Tensor, h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``w``, ``h``) ready for GPTQ: inputs never seen (zero Hessian diagonal) get weight 0 and diagonal 1, and
+    the diagonal is raised by ``damp`` x its mean so the factorisation holds on few calibration tokens. ``h`` is
+    returned in float64; ``w`` is a copy in its own dtype."""
+    w = w.detach().clone()
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    return w, h
+
+
+def inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of H^-1, whose rows give each column's error spread (Frantar et al., alg. 1)."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def gptq_columns(w: torch.Tensor, hinv: torch.Tensor, quantize: Callable[[torch.Tensor, int, int], torch.Tensor],
+                 lazy: int = 128) -> None:
+    """GPTQ's column loop over ``w`` [out, in] (changed in place), in lazy batches of ``lazy`` columns.
+
+    ``quantize(w1, i, col)`` rounds column ``i`` of the current batch ``w1`` (column ``col`` of ``w``; it may
+    read the columns after it, as a block grid does) onto the caller's grid, records the codes, and returns the
+    value it stands for; the rounding error, scaled by the inverse Hessian, is moved onto the columns not yet
+    rounded. The grids (int4 blocks for the export, the ternary grid for BitNet's start) are the callers'."""
+    cols = w.shape[1]
+    for i1 in range(0, cols, lazy):
+        i2 = min(i1 + lazy, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            e = (w1[:, i] - quantize(w1, i, i1 + i)) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+
 def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, lazy: int = 128,
          symmetric: bool = True, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight ``w`` [out, in] given ``h`` = sum of x x^T over its inputs [in, in].
@@ -75,12 +115,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, 
     first, while the most columns remain to absorb their error) and, since a block's columns are then visited
     out of order, every block's grid comes from the original weights ("static groups", as in AutoGPTQ).
     """
-    w = w.detach().double().clone()
+    w, h = damped_problem(w.double(), h, damp)
     rows, cols = w.shape
-    h = h.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
     nblocks = cols // block
     scales = torch.zeros(rows, nblocks, dtype=torch.float64)
     zeros = torch.zeros(rows, nblocks, dtype=torch.float64)
@@ -89,53 +125,62 @@ def gptq(w: torch.Tensor, h: torch.Tensor, block: int = 32, damp: float = 0.01, 
         scales[:], zeros[:] = _grid(w.reshape(rows, nblocks, block), symmetric)
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    lazy = -(-lazy // block) * block  # whole blocks per lazy batch: a block's grid reads its columns from w1
-    for i1 in range(0, cols, lazy):
-        i2 = min(i1 + lazy, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            blk = col // block
-            if not act_order and col % block == 0:  # a new block: its grid from the current (updated) weights
-                scales[:, blk], zeros[:, blk] = _grid(w1[:, i:i + block], symmetric)
-            s, z = scales[:, blk], zeros[:, blk]
-            q = _round(w1[:, i], s, z)
-            codes[:, col] = q.to(torch.uint8)
-            e = (w1[:, i] - (q - z) * s) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize(w1: torch.Tensor, i: int, pos: int) -> torch.Tensor:
+        col = int(perm[pos])
+        blk = col // block
+        if not act_order and col % block == 0:  # a new block: its grid from the current (updated) weights
+            scales[:, blk], zeros[:, blk] = _grid(w1[:, i:i + block], symmetric)
+        s, z = scales[:, blk], zeros[:, blk]
+        q = _round(w1[:, i], s, z)
+        codes[:, col] = q.to(torch.uint8)
+        return (q - z) * s
+
+    # whole blocks per lazy batch: a block's grid reads its columns from the batch
+    gptq_columns(w, inverse_factor(h), quantize, lazy=-(-lazy // block) * block)
     return codes, scales.float(), zeros.float()
+
+
+class _AllSeen(Exception):
+    """Raised by a hook once every layer asked for has seen this sequence's input: the rest of the forward pass
+    is not needed."""
 
 
 def collect_hessians(model: nn.Module, seqs: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
     """H = sum over calibration tokens of x x^T for the input of each named linear layer (fp64 totals of fp32
-    per-sequence products). Layers fed the same tensor (q/k/v, gate/up) share one product."""
+    per-sequence products). Layers fed the same tensor (q/k/v, gate/up) share one product. Each sequence's
+    forward pass stops once every named layer has seen its input (each runs once a pass in a decoder), so
+    calibrating the first blocks of a model costs a fraction of a forward pass."""
     mods = dict(model.named_modules())
     hs: dict[str, torch.Tensor] = {}
-    seen: dict[int, tuple] = {}  # this sequence's (input, product) by input address
-    hooks = []
-    for n in names:
-        def hook(_m, args, n=n):
+    fired: set[str] = set()
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # this sequence's (input, product) by input address
+
+    def hook_for(name: str):
+        def hook(_m, args):
             x = args[0].detach()
             key = x.data_ptr()
             if key not in seen or seen[key][0] is not x:
                 x2 = x.reshape(-1, x.shape[-1]).float()
                 # the input is kept referenced, so its address cannot be reused by another tensor this forward
                 seen[key] = (x, (x2.T @ x2).double())
-            prod = seen[key][1]
-            hs[n] = hs[n] + prod if n in hs else prod.clone()
-        hooks.append(mods[n].register_forward_pre_hook(hook))
+            hs[name] = hs[name] + seen[key][1] if name in hs else seen[key][1].clone()
+            fired.add(name)
+            if len(fired) == len(set(names)):
+                raise _AllSeen
+        return hook
+
+    hooks = [mods[n].register_forward_pre_hook(hook_for(n)) for n in names]
     try:
         with torch.no_grad():
             for i in range(len(seqs)):
+                fired.clear()
                 seen.clear()
-                model(input_ids=seqs[i:i + 1], use_cache=False)
+                try:
+                    model(input_ids=seqs[i:i + 1], use_cache=False)
+                except _AllSeen:
+                    pass
     finally:
         for hk in hooks:
             hk.remove()
