@@ -415,6 +415,16 @@ def cmd_rejection_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sandbox_args(p) -> None:
+    """How model-written programs are run: the same options for eval and rejection-sample."""
+    p.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    p.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="run model-written programs WITHOUT a sandbox when bubblewrap is missing or fails its "
+                   "self-test: they can read and write whatever you can (recorded in the summary)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_eval_args(p, with_task: bool = True) -> None:
     if with_task:
         p.add_argument("--task", default="humaneval", choices=["humaneval", "mbpp"])
@@ -428,12 +438,7 @@ def _add_eval_args(p, with_task: bool = True) -> None:
                    help="continuous batching (PyTorch models; a finished answer's slot goes to the next prompt) or "
                    "static batches through transformers' generate (default: continuous where the model allows)")
     p.add_argument("--max-new-tokens", type=int, default=384)
-    p.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
-    p.add_argument("--unsafe-no-sandbox", action="store_true",
-                   help="run model-written programs WITHOUT a sandbox when bubblewrap is missing or fails its "
-                   "self-test: they can read and write whatever you can (recorded in the summary)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_sandbox_args(p)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="chat template + instruction (default: when the tokenizer has one)")
 
@@ -457,12 +462,7 @@ def _add_rejection_sample_parser(sub) -> None:
     rs.add_argument("--limit", type=int, help="first N problems only")
     rs.add_argument("--max-new-tokens", type=int, default=384)
     rs.add_argument("--batch-size", type=int, default=16)
-    rs.add_argument("--workers", type=int, help="sandboxes at a time (default: CPU count, at most 8)")
-    rs.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
-    rs.add_argument("--unsafe-no-sandbox", action="store_true",
-                    help="run model-written programs WITHOUT a sandbox when bubblewrap is missing or fails its "
-                   "self-test: they can read and write whatever you can (recorded in the summary)")
-    rs.add_argument("--seed", type=int, default=0)
+    _add_sandbox_args(rs)
     rs.set_defaults(func=cmd_rejection_sample)
 
 
