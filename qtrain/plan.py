@@ -128,11 +128,26 @@ def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> in
 
 @dataclass
 class Prediction:
-    terms: dict[str, int]  # training peak, by term; they sum to train_peak_bytes
-    peak_bytes: int  # max(training peak, loading peak)
+    terms: dict[str, int]  # the forward/backward peak, by term; they sum to it
+    peak_bytes: int  # max(forward/backward peak, optimizer-step peak, loading peak)
     tokens_per_second: float
     load_peak_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    step_terms: dict[str, int] = field(default_factory=dict)  # the optimizer step's, by term
+
+    @property
+    def step_peak_bytes(self) -> int:
+        return sum(self.step_terms.values())
+
+    @property
+    def peak_terms(self) -> tuple[str, dict[str, int]]:
+        """Which phase sets the peak ("backward", "optimizer step" or "loading") and its terms."""
+        if self.peak_bytes == self.load_peak_bytes and self.peak_bytes > max(sum(self.terms.values()),
+                                                                           self.step_peak_bytes):
+            return "loading", {"weights while loading": self.load_peak_bytes}
+        if self.step_terms and self.step_peak_bytes > sum(self.terms.values()):
+            return "optimizer step", self.step_terms
+        return "backward", self.terms
 
 
 def host_heap(allocator: str | None = None) -> str:
@@ -223,10 +238,13 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         terms["fp32_load_copy"] = int(linear * 4)
     if devices > 1:
         _several_devices(terms, shape, recipe, devices, b, grad_bytes, trainable)
-    body = sum(terms.values())
+    sharded = recipe.fsdp and devices > 1
+    step = _optimizer_step_terms(terms, shape, recipe, kind, math.ceil(trainable * grad_bytes / (devices if sharded else 1)),
+                                 devices if sharded else 1)
     runtime, fragmentation = HOST_HEAP.get(heap, (RUNTIME_BYTES[kind], FRAGMENTATION[kind]))
-    terms["runtime_overhead"] = runtime + int(fragmentation * body)
-    train_peak = sum(terms.values())
+    terms["runtime_overhead"] = runtime + int(fragmentation * sum(terms.values()))
+    step["runtime_overhead"] = runtime + int(STEP_FRAGMENTATION[kind] * sum(step.values()))
+    train_peak = max(sum(terms.values()), sum(step.values()))
     # Loading: on a CPU the safetensors file is memory-mapped while its tensors are copied out, so for a
     # moment both count in RSS (QLoRA quantises from the full-precision copy, so the same holds).
     # On a GPU weights arrive shard by shard (quantised on the fly for QLoRA): no more than they end up as.
@@ -244,7 +262,39 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # all devices together, as if communication hid behind compute (FSDP prefetches the next layer's all-gather;
     # DDP overlaps its bucketed all-reduce with backward): an upper bound on a slow interconnect
     tps = ASSUMED_MFU * peak_flops / flops * devices
-    return Prediction(terms, peak, tps, load_peak)
+    return Prediction(terms, peak, tps, load_peak, step_terms=step)
+
+
+# Bytes of temporaries the optimizer step allocates, in elements of the trainable weights: torch's AdamW runs
+# its for-loop implementation on a CPU (foreach kernels are CUDA-only), where `exp_avg_sq.sqrt() / bc` holds two
+# tensors of one parameter's size at once, so the largest parameter sets it; on CUDA it defaults to foreach,
+# whose `_foreach_sqrt` makes one copy of every state at once. bitsandbytes' 8-bit optimizers update in place.
+STEP_TEMPORARIES = {"cpu": ("largest", 2), "cuda": ("all", 1)}
+STEP_FRAGMENTATION = {"cpu": 0.05, "cuda": FRAGMENTATION["cuda"]}
+
+
+def _optimizer_step_terms(terms: dict[str, int], shape: ModelShape, recipe: Recipe, kind: str, all_gradients: int,
+                          shards: int) -> dict[str, int]:
+    """What is live while the optimizer steps: weights, every gradient, the optimizer's states and its
+    temporaries; activations, the loss's chunks and the teacher's forward are gone. With one micro-batch a step
+    and no checkpointing the forward/backward peak counts only the gradients that freed activations do not
+    absorb (see _host_heap_terms), so when the gradients and the step's temporaries outweigh the activations (a
+    large model at a short sequence, a large vocabulary) this phase sets the peak."""
+    transient = ("gradients", "activations", "backward_workspace", "logits_and_loss", "teacher_forward",
+                 "autocast_weight_copies", "fsdp_gathered_units")
+    step = {k: v for k, v in terms.items() if k not in transient}
+    step["gradients"] = all_gradients
+    if recipe.optimizer == "adamw":
+        wb = 4  # trainable weights and their states are fp32 (masters under mixed precision)
+        which, copies = STEP_TEMPORARIES[kind]
+        if recipe.method in ("lora", "qlora"):
+            largest = recipe.lora_r * max(shape.hidden, shape.intermediate)
+            every = shape.lora_params(recipe.lora_r, recipe.target_modules)
+        else:
+            largest = max(shape.vocab * shape.hidden, max(shape.layer_linear_params().values()))
+            every = shape.total_params()
+        step["optimizer_step_temporaries"] = copies * wb * (largest if which == "largest" else math.ceil(every / shards))
+    return step
 
 
 def _teacher_bytes(shape: ModelShape, dtype: str, device: str) -> tuple[int, int]:
@@ -567,8 +617,9 @@ def render_plan(plan: Plan, limit: int = 12) -> str:
     if len(plan.candidates) > limit:
         lines.append(f"     ... {len(plan.candidates) - limit} more that fit")
     c = plan.chosen
-    lines += ["", f"chosen: #1 {plan.reason}", f"predicted peak memory{per}, by term:"]
-    for k, v in c.prediction.terms.items():
-        lines.append(f"  {k:20s} {format_bytes(v):>10}")
-    lines.append(f"  {'total':20s} {format_bytes(c.prediction.peak_bytes):>10}")
+    phase, terms = c.prediction.peak_terms
+    lines += ["", f"chosen: #1 {plan.reason}", f"predicted peak memory{per}, by term, during the {phase}:"]
+    for k, v in terms.items():
+        lines.append(f"  {k:26s} {format_bytes(v):>10}")
+    lines.append(f"  {'total':26s} {format_bytes(c.prediction.peak_bytes):>10}")
     return "\n".join(lines)

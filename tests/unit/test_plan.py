@@ -69,6 +69,27 @@ def test_full_fine_tuning_counts_only_the_gradients_live_at_the_start_of_backwar
     assert j.terms["gradients"] == head and "allocator_retention" not in j.terms and j.peak_bytes < p.peak_bytes
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_optimizer_step_is_a_peak_of_its_own_when_gradients_outweigh_activations(device):
+    """Full fine-tuning of an 8B model at one short sequence: activations are small beside the weights, so the
+    backward's peak (where freed activations absorb most gradients) is below what the step must hold: weights,
+    every gradient, both AdamW states and the step's temporaries (16 bytes a parameter and more)."""
+    s = shape_from_config(lookup_known("meta-llama/Llama-3.1-8B"), "llama-8b")
+    r = Recipe(method="full", seq_len=512, micro_batch_size=1, grad_accum_steps=1, gradient_checkpointing=False)
+    p = predict(s, r, device, allocator="jemalloc")
+    n = s.total_params()
+    phase, terms = p.peak_terms
+    assert phase == "optimizer step" and sum(terms.values()) == p.peak_bytes
+    assert terms["gradients"] == 4 * n and terms["optimizer_states"] == 8 * n
+    temporaries = terms["optimizer_step_temporaries"]
+    # a CPU's for-loop AdamW: two copies of the largest tensor (the 128k x 4096 embedding); CUDA's foreach: every state
+    assert temporaries == (2 * 4 * s.vocab * s.hidden if device == "cpu" else 4 * n)
+    assert p.peak_bytes > 16 * n + temporaries
+    # with LoRA the step holds little: the backward (or, on a CPU, loading) sets the peak
+    lora = predict(s, r.replace(method="lora", learning_rate=2e-4), device, allocator="jemalloc")
+    assert lora.peak_terms[0] != "optimizer step" and lora.step_peak_bytes < sum(lora.terms.values())
+
+
 def test_jemalloc_lets_backward_reuse_the_fused_loss_chunks_and_glibc_sums_them():
     s = shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), "smollm2")
     r = Recipe(method="lora", seq_len=256, micro_batch_size=4, gradient_checkpointing=True)
