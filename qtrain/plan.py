@@ -98,18 +98,35 @@ def format_bytes(n: float) -> str:
 
 
 def layer_activation_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> int:
-    """Bytes autograd saves for one decoder layer over ``tokens`` positions (no checkpointing).
+    """Bytes autograd saves for one decoder layer over ``tokens`` positions (no checkpointing): from a census
+    of the model's own code where its family can be built here (qtrain.census), else the Llama-family formula."""
+    if recipe.method != "bitnet":  # BitNet's layers are qtrain's own; the formula below is their census
+        from qtrain.census import census_layer_bytes
+
+        seq = min(recipe.seq_len, tokens)
+        counted = census_layer_bytes(shape, "lora" if recipe.method == "qlora" else recipe.method, recipe.lora_r,
+                                     recipe.lora_dropout, recipe.target_modules, seq, max(1, tokens // seq),
+                                     DTYPE_BYTES[recipe.dtype])
+        if counted is not None:
+            return counted
+    return formula_layer_bytes(shape, recipe, tokens)
+
+
+def formula_layer_bytes(shape: ModelShape, recipe: Recipe, tokens: int) -> int:
+    """Bytes autograd saves for one decoder layer over ``tokens`` positions (no checkpointing), by formula.
 
     Llama-family census (per token, B = bytes of the compute dtype):
-      full fine-tuning:  B * (8h + 2kv + 4i + heads + 2)
+      full fine-tuning:  B * (6h + 2q + 2kv + 4i + heads + 2)
+                         (q = heads x head_dim, which is h unless the config sets head_dim: attention's
+                         output and o_proj's contiguous input; census in tests/unit/test_plan.py)
       LoRA, dropout 0:   full - 2h*B + 7r*B          (frozen matmuls keep no inputs; A outputs kept)
       LoRA, dropout > 0: + (6h + i) one-byte masks + 4h*B
     GELU-MLP families (GPT-2/BigCode/CodeGen/Falcon) keep 2 fewer intermediate-size tensors.
     """
     b = DTYPE_BYTES[recipe.dtype]
-    h, kv, i, heads = shape.hidden, shape.kv_dim, shape.intermediate, shape.n_heads
+    h, kv, i, heads, q = shape.hidden, shape.kv_dim, shape.intermediate, shape.n_heads, shape.q_dim
     mlp_tensors = 4 if shape.gated_mlp else 2
-    per_token = b * (8 * h + 2 * kv + mlp_tensors * i + heads + 2)
+    per_token = b * (6 * h + 2 * q + 2 * kv + mlp_tensors * i + heads + 2)
     if recipe.method in ("lora", "qlora"):
         frac = shape.adapted_fraction(recipe.target_modules)
         per_token += frac * (-2 * h * b + 7 * recipe.lora_r * b)
@@ -185,6 +202,14 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         terms["weights"] = total * wb
     else:
         terms["weights"] = total * wb
+    if (device.startswith("cpu") and recipe.method == "lora" and not shape.tied
+            and 0 < shape.indexed_vocab < shape.vocab and shape.stored_dtype in (recipe.dtype, f"torch.{recipe.dtype}")):
+        # Frozen weights stored in the dtype they train in stay memory-mapped from the safetensors file, and a
+        # page of the input embedding becomes resident only when a token's row is read: rows past the
+        # tokenizer's last id never are. (Rows inside it are counted: a long run reads most of them.) Measured
+        # on a 100k-row embedding under a 49k tokenizer: RssFile grew by the embedding's size only when the
+        # whole table was read. A dtype conversion at load copies every row into anonymous memory instead.
+        terms["weights"] -= (shape.vocab - shape.indexed_vocab) * shape.hidden * b
     if recipe.method in ("lora", "qlora"):
         trainable = shape.lora_params(recipe.lora_r, recipe.target_modules)
         terms["lora_parameters"] = trainable * 4  # adapters are kept in fp32
@@ -539,17 +564,28 @@ def plan_recipe(shape: ModelShape, budget_bytes: int, device: str, base: Recipe,
 def model_shape(model: str | None) -> ModelShape:
     """The shape of ``model`` without loading weights: shipped config numbers, a local config.json, the
     embedded default, or (with a network) the hub's config."""
+    import dataclasses
     import json
     from pathlib import Path
 
     from qtrain.models import DEFAULT_MODEL_NAME, ModelError
-    from qtrain.shapes import lookup_known, shape_from_config
+    from qtrain.shapes import lookup_known, shape_from_config, tokenizer_rows
 
     if model is None:
         return shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return shape_from_config(json.loads((path / "config.json").read_text()), path.name)
+        cfg = json.loads((path / "config.json").read_text())
+        try:
+            # save_pretrained omits values equal to the family's defaults (Gemma's config.json has no
+            # tie_word_embeddings: it is tied by default); the family's config class fills them back in
+            from transformers import AutoConfig
+
+            cfg = {**AutoConfig.for_model(**cfg).to_dict(), **cfg}
+        except (ValueError, KeyError, TypeError):
+            pass  # a family this transformers does not know: the file's own values
+        shape = shape_from_config(cfg, path.name)
+        return dataclasses.replace(shape, indexed_vocab=tokenizer_rows(path))
     if path.is_file() and path.suffix == ".gguf":
         from qtrain.models import ModelSource, load_config
 

@@ -8,13 +8,17 @@ the seeds and anchors talk about, so planning works offline.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from qtrain.errors import QtrainError
 from qtrain.recipe import TARGET_PRESETS
 
 KNOWN = Path(__file__).resolve().parent / "model_configs" / "known_models.json"
+
+
+GELU_MLP_FAMILIES = ("gpt2", "gpt_bigcode", "gpt_neox", "gptj", "codegen", "falcon", "starcoder2", "phi", "opt",
+                     "bloom", "mpt", "gpt_neo")
 
 
 class ShapeError(QtrainError, ValueError):
@@ -35,10 +39,23 @@ class ModelShape:
     gated_mlp: bool  # SwiGLU (3 matrices) vs GELU MLP (2)
     learned_positions: int  # rows of a learned position embedding (GPT-2 family), else 0
     qkv_bias: bool = False
+    # a config's explicit head_dim (Qwen3, Gemma: heads x head_dim need not equal hidden); 0: hidden // heads
+    explicit_head_dim: int = 0
+    # rows of the input embedding a token can index: the tokenizer's largest id + 1 (0: unknown, all of them).
+    # Vocabularies padded past the tokenizer (for matmul-friendly sizes) leave the rest unread.
+    indexed_vocab: int = 0
+    stored_dtype: str = ""  # the weights' dtype in the checkpoint, as the config names it ("" when unknown)
+    # the config it was read from (JSON), for the activation census (qtrain.census)
+    source_config: str = field(default="", compare=False, repr=False)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.explicit_head_dim or self.hidden // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries and of the attention output (hidden, unless the config sets head_dim)."""
+        return self.n_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -46,8 +63,8 @@ class ModelShape:
 
     def layer_linear_params(self) -> dict[str, int]:
         """Weight elements of one decoder layer's linear maps, by role (attention / mlp)."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        attn = h * (h + 2 * kv) + h * h
+        h, kv, i, q = self.hidden, self.kv_dim, self.intermediate, self.q_dim
+        attn = h * (q + 2 * kv) + q * h
         mlp = (3 if self.gated_mlp else 2) * h * i
         return {"attention": attn, "mlp": mlp}
 
@@ -61,15 +78,15 @@ class ModelShape:
         emb = self.vocab * self.hidden + self.learned_positions * self.hidden
         per = self.layer_linear_params()
         norms = self.n_layers * 2 * self.hidden + self.hidden
-        bias = self.n_layers * (self.hidden + 2 * self.kv_dim) if self.qkv_bias else 0
+        bias = self.n_layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
         head = 0 if self.tied else self.vocab * self.hidden
         return emb + self.n_layers * (per["attention"] + per["mlp"]) + norms + bias + head
 
     def layer_matrices(self) -> dict[str, tuple[str, int, int]]:
         """One decoder layer's linear maps under Llama's names: name -> (role, in, out). A GELU MLP has no gate."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        out = {"q_proj": ("attention", h, h), "k_proj": ("attention", h, kv), "v_proj": ("attention", h, kv),
-               "o_proj": ("attention", h, h)}
+        h, kv, i, q = self.hidden, self.kv_dim, self.intermediate, self.q_dim
+        out = {"q_proj": ("attention", h, q), "k_proj": ("attention", h, kv), "v_proj": ("attention", h, kv),
+               "o_proj": ("attention", q, h)}
         if self.gated_mlp:
             out["gate_proj"] = ("mlp", h, i)
         out.update(up_proj=("mlp", h, i), down_proj=("mlp", i, h))
@@ -120,8 +137,9 @@ def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
         missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
                                   ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
         raise ShapeError(f"config of {name!r} ({family}) lacks {missing}; qtrain plans decoder-only transformers")
-    gated = family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "starcoder2x",
-                       "bitnet")  # bitnet: BitNet b1.58 2B4T, a ReLU^2-gated MLP
+    # a two-matrix GELU MLP in these families; every other family is taken as gated (three matrices, as Llama,
+    # Mistral, Qwen, Gemma, Phi-3, OLMo, Granite and BitNet's ReLU^2 gate), the larger count where unsure
+    gated = family not in GELU_MLP_FAMILIES
     if family in ("gpt_bigcode",) or cfg.get("multi_query"):
         kv = 1 if cfg.get("multi_query", True) and family in ("gpt_bigcode", "falcon") else heads
         if family == "falcon" and cfg.get("new_decoder_architecture"):
@@ -133,9 +151,27 @@ def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
         inter = 4 * hidden
     learned = _get(cfg, "n_positions", default=0) if family in ("gpt2", "gpt_bigcode") else 0
     tied = bool(cfg.get("tie_word_embeddings", family in ("gpt2", "gpt_bigcode")))
+    head_dim = cfg.get("head_dim") if family not in ("gpt2", "gpt_bigcode", "gpt_neox", "falcon", "codegen") else None
     return ModelShape(name=name, family=family, n_layers=int(layers), hidden=int(hidden), n_heads=int(heads),
                       n_kv_heads=int(kv), intermediate=int(inter), vocab=int(vocab), tied=tied, gated_mlp=gated,
-                      learned_positions=int(learned), qkv_bias=family == "qwen2")
+                      learned_positions=int(learned), qkv_bias=family == "qwen2",
+                      explicit_head_dim=int(head_dim) if isinstance(head_dim, int) else 0,
+                      stored_dtype=str(_get(cfg, "torch_dtype", "dtype", default="")),
+                      source_config=json.dumps(cfg, sort_keys=True, default=str))
+
+
+def tokenizer_rows(model_dir: Path) -> int:
+    """The largest token id + 1 of the fast tokenizer saved in ``model_dir`` (tokenizer.json: its model's
+    vocabulary and the added tokens), or 0 when there is none or it cannot be read. Reads the JSON rather than
+    loading the tokenizer: planning stays free of the tokenizers runtime and fast on a 150k vocabulary."""
+    try:
+        tok = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+        vocab = tok["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: a list by id
+        ids += [t["id"] for t in tok.get("added_tokens") or []]
+        return max(ids) + 1 if ids else 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
 
 
 @lru_cache(maxsize=1)

@@ -117,7 +117,7 @@ def test_compute_dtype_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
     assert {r.dtype for r in candidate_recipes(Recipe(), "cpu")} == {"float32"}
 
 
-def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=False):
+def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=False, head_dim=None):
     """Census: bytes autograd saves for one Llama layer (2-layer minus 1-layer model, parameters excluded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,7 +126,8 @@ def _saved_bytes_per_layer(h, i, heads, kv, method, dropout, seq=64, rms_norm=Fa
     def census(layers):
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=300, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv, attn_implementation="sdpa")
+                          num_attention_heads=heads, num_key_value_heads=kv, attn_implementation="sdpa",
+                          head_dim=head_dim or h // heads)
         m = prepare_model(LlamaForCausalLM(cfg), Recipe(method=method, lora_r=8, lora_dropout=dropout,
                                                                    bitnet_rms_norm=rms_norm))
         m.train()
@@ -156,6 +157,50 @@ def test_activation_formula_matches_a_census_of_saved_tensors(h, i, heads, kv, m
     r = Recipe(method=method, lora_r=8, lora_dropout=dropout, seq_len=64, bitnet_rms_norm=rms_norm)
     assert layer_activation_bytes(s, r, 64) == _saved_bytes_per_layer(h, i, heads, kv, method, dropout,
                                                                        rms_norm=rms_norm)
+
+
+@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0)])
+@pytest.mark.parametrize("h,heads,kv,head_dim", [(96, 4, 2, 32), (128, 2, 1, 48)])
+def test_activation_formula_follows_an_explicit_head_dim(h, heads, kv, head_dim, method, dropout):
+    """Qwen3 and Gemma set head_dim apart from hidden / heads: queries and attention's output are heads x
+    head_dim wide, and q_proj/o_proj hold hidden x that many weights."""
+    cfg = {"model_type": "llama", "hidden_size": h, "intermediate_size": 160, "num_hidden_layers": 1,
+           "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": 300, "head_dim": head_dim}
+    s = shape_from_config(cfg)
+    assert s.q_dim == heads * head_dim != h and s.kv_dim == kv * head_dim
+    r = Recipe(method=method, lora_r=8, lora_dropout=dropout, seq_len=64)
+    assert layer_activation_bytes(s, r, 64) == _saved_bytes_per_layer(h, 160, heads, kv, method, dropout,
+                                                                       head_dim=head_dim)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    assert s.total_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_embedding_rows_past_the_tokenizer_are_not_counted_for_a_frozen_mapped_table(tmp_path):
+    """LoRA on a CPU keeps frozen weights memory-mapped when they are stored in the dtype they run in; rows no
+    token can index are never read, so never resident. Tied tables are read whole by the LM head, and a dtype
+    conversion at load copies every row."""
+    import dataclasses
+
+    from qtrain.models import load_tokenizer, resolve_model_source
+    from qtrain.shapes import tokenizer_rows
+
+    tok = load_tokenizer(resolve_model_source(None))
+    tok.save_pretrained(tmp_path)
+    assert tokenizer_rows(tmp_path) == len(tok)
+    assert tokenizer_rows(tmp_path / "missing") == 0
+    cfg = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 100_000, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    s = dataclasses.replace(shape_from_config(cfg), indexed_vocab=len(tok))
+    lora = Recipe(method="lora", dtype="float32")
+    base = predict(dataclasses.replace(s, indexed_vocab=0), lora, "cpu", allocator="jemalloc").terms["weights"]
+    assert predict(s, lora, "cpu", allocator="jemalloc").terms["weights"] == base - (100_000 - len(tok)) * 128 * 4
+    for other in (dataclasses.replace(s, tied=True), dataclasses.replace(s, stored_dtype="bfloat16")):
+        assert predict(other, lora, "cpu", allocator="jemalloc").terms["weights"] == other.total_params() * 4
+    for unchanged in (lora.replace(method="full"),):
+        assert predict(s, unchanged, "cpu", allocator="jemalloc").terms["weights"] == s.total_params() * 4
+    assert predict(s, lora, "cuda").terms["weights"] == s.total_params() * 4  # copied to the device whole
 
 
 def test_plan_prefers_quality_then_sequence_and_explains_what_does_not_fit():
