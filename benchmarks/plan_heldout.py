@@ -227,7 +227,7 @@ def main() -> None:
     result = header(name, git=git, set=args.set, command=command, times=args.times, shapes=shapes,
                     recipes=[dict(zip(("method", "gc", "seq", "mb"), r)) for r in RECIPES], rows=out)
     md = render(result)
-    write_results("plan_heldout", result, md)
+    write_results(name, result, md)
     print(md)
 
 
