@@ -15,7 +15,7 @@ as a linear function of the widths and the sequence:
 (q = heads x head_dim; the s^2 term is attention probabilities, which eager attention keeps and SDPA does not;
 the last two are tensors of weight size a layer computes, such as Gemma's 1 + norm gain).
 The fit must be exact on every probe (a linear model of saved tensors is exact when the layer's code is width-
-generic); otherwise, or when the family cannot be built offline, the caller keeps its formula. Costs about a
+generic) and on a check at widths, a sequence and a micro-batch no probe used; otherwise, or when the family cannot be built offline, the caller keeps its formula. Costs about a
 second per (config, method) on a CPU, cached for the process.
 """
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 PROBES = [(64, 4, 2, 16, 96), (96, 4, 2, 16, 96), (64, 4, 2, 24, 96), (64, 4, 4, 16, 96), (64, 8, 2, 16, 96),
           (64, 4, 2, 16, 160), (128, 8, 4, 16, 224)]
 SEQS = (8, 16)
+# a check the fit must pass besides: other widths, a sequence and a micro-batch of 2 no probe used
+CHECK = ((80, 4, 2, 20, 136), 12, 2)
 FIT_TOLERANCE = 0.01  # relative residual on any probe above which the fit is refused
 # config keys a probe overrides, by the names families use for them
 _WIDTH_KEYS = {"hidden": ("hidden_size", "n_embd", "d_model"), "heads": ("num_attention_heads", "n_head"),
@@ -63,7 +65,7 @@ def _probe_config(config: dict, h: int, heads: int, kv: int, head_dim: int, inte
 
 
 def _layer_saved_bytes(config: dict, seqs: tuple[int, ...], method: str, lora_r: int, lora_dropout: float,
-                       targets) -> list[tuple[int, int]]:
+                       targets, batch: int = 1) -> list[tuple[int, int]]:
     """Bytes the second decoder layer of a 2-layer model built from ``config`` saves for backward, one forward
     per sequence length, as (bytes of float tensors, bytes of one-byte tensors such as dropout masks): new
     storages only (what the first layer or the model body already saved, such as the
@@ -104,7 +106,7 @@ def _layer_saved_bytes(config: dict, seqs: tuple[int, ...], method: str, lora_r:
     for seq in seqs:
         state.update(layer=None, seen=set(), wide=0, narrow=0)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            body(input_ids=torch.randint(0, 128, (1, seq)))
+            body(input_ids=torch.randint(0, 128, (batch, seq)))
         out.append((state["wide"], state["narrow"]))
     return out
 
@@ -143,7 +145,26 @@ def layer_coefficients(config_json: str, method: str, lora_r: int, lora_dropout:
                       config.get("model_type"), 100 * worst)
             return None
         fits.append(tuple(float(c) for c in coef))
+    (h, heads, kv, head_dim, inter), seq, batch = CHECK
+    try:
+        probe = _probe_config(config, h, heads, kv, head_dim, inter, 2)
+        measured = _layer_saved_bytes(probe, (seq,), method, lora_r, lora_dropout, targets_arg, batch)[0]
+    except Exception as e:  # noqa: BLE001 -- as above
+        log.debug("activation census check of %s failed: %r", config.get("model_type"), e)
+        return None
+    s = shape_from_config(probe)
+    for fit, got in zip(fits, measured):
+        want = _bytes(fit, s, seq, batch)
+        if abs(want - got) > FIT_TOLERANCE * max(got, 1):
+            log.debug("activation census of %s misses its check (%d vs %d bytes)", config.get("model_type"), want, got)
+            return None
     return fits[0], fits[1]
+
+
+def _bytes(c: tuple[float, ...], shape, seq: int, micro_batch: int) -> float:
+    per_token = (c[0] * shape.hidden + c[1] * shape.q_dim + c[2] * shape.kv_dim + c[3] * shape.intermediate
+                 + c[4] * shape.n_heads + c[5])
+    return micro_batch * (seq * per_token + c[6] * shape.n_heads * seq * seq) + c[7] * shape.hidden + c[8]
 
 
 def census_layer_bytes(shape, method: str, lora_r: int, lora_dropout: float, targets, seq: int, micro_batch: int,
@@ -157,10 +178,5 @@ def census_layer_bytes(shape, method: str, lora_r: int, lora_dropout: float, tar
     coef = layer_coefficients(json.dumps(structure, sort_keys=True), method, lora_r, lora_dropout, json.dumps(targets))
     if coef is None:
         return None
-
-    def bytes_of(c):
-        per_token = (c[0] * shape.hidden + c[1] * shape.q_dim + c[2] * shape.kv_dim + c[3] * shape.intermediate
-                     + c[4] * shape.n_heads + c[5])
-        return micro_batch * (seq * per_token + c[6] * shape.n_heads * seq * seq) + c[7] * shape.hidden + c[8]
-
-    return max(0, int(round(bytes_of(coef[0]) * dtype_bytes / 4 + bytes_of(coef[1]))))
+    return max(0, int(round(_bytes(coef[0], shape, seq, micro_batch) * dtype_bytes / 4
+                            + _bytes(coef[1], shape, seq, micro_batch))))
