@@ -151,7 +151,7 @@ def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
         inter = 4 * hidden
     learned = _get(cfg, "n_positions", default=0) if family in ("gpt2", "gpt_bigcode") else 0
     tied = bool(cfg.get("tie_word_embeddings", family in ("gpt2", "gpt_bigcode")))
-    head_dim = cfg.get("head_dim") if family not in ("gpt2", "gpt_bigcode", "gpt_neox", "falcon", "codegen") else None
+    head_dim = cfg.get("head_dim")  # set only by families that read it (Llama's own configs write h / heads)
     return ModelShape(name=name, family=family, n_layers=int(layers), hidden=int(hidden), n_heads=int(heads),
                       n_kv_heads=int(kv), intermediate=int(inter), vocab=int(vocab), tied=tied, gated_mlp=gated,
                       learned_positions=int(learned), qkv_bias=family == "qwen2",
