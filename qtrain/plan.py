@@ -575,7 +575,13 @@ def model_shape(model: str | None) -> ModelShape:
         return shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelError(f"{path / 'config.json'} is not valid JSON ({e}); restore it from the model's source") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{path / 'config.json'} holds a {type(cfg).__name__}, not a JSON object of config keys; "
+                             "restore it from the model's source")
         try:
             # save_pretrained omits values equal to the family's defaults (Gemma's config.json has no
             # tie_word_embeddings: it is tied by default); the family's config class fills them back in

@@ -365,3 +365,13 @@ def test_fsdp_is_refused_where_it_is_not_written():
     for method in ("bitnet", "qlora"):
         with pytest.raises(RecipeError, match="fsdp"):
             Recipe(method=method, fsdp=True)
+
+
+@pytest.mark.parametrize("text,message", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a list")])
+def test_a_corrupt_config_json_is_named_with_the_way_out(tmp_path, text, message):
+    from qtrain.models import ModelError
+    from qtrain.plan import model_shape
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ModelError, match=f"config.json {message}.*restore it"):
+        model_shape(str(tmp_path))
