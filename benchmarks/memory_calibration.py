@@ -94,12 +94,12 @@ def main() -> None:
     global SUFFIX
     SUFFIX = "" if args.allocator == "glibc" else f"_{args.allocator}"
     if args.allocator == "jemalloc":
-        from qtrain.measure import find_jemalloc
+        from qtrain.measure import find_jemalloc, jemalloc_preload_env
 
         lib = find_jemalloc()
         if lib is None:
             raise SystemExit("--allocator jemalloc: no libjemalloc.so.2 found; apt install libjemalloc2")
-        os.environ["LD_PRELOAD"] = lib  # inherited by the worker processes
+        os.environ.update(jemalloc_preload_env(lib, os.environ))  # inherited by the worker processes
     if args.repredict:
         render(repredict(json.loads((RESULTS / f"memory_calibration{SUFFIX}.json").read_text())))
         return

@@ -92,12 +92,12 @@ def main() -> None:
         return
     env = dict(os.environ)
     if args.allocator == "jemalloc":
-        from qtrain.measure import find_jemalloc
+        from qtrain.measure import find_jemalloc, jemalloc_preload_env
 
         lib = find_jemalloc()
         if lib is None:
             raise SystemExit("--allocator jemalloc: no libjemalloc.so.2 found; apt install libjemalloc2, or --allocator glibc")
-        env["LD_PRELOAD"] = lib
+        env.update(jemalloc_preload_env(lib, env))
     env["QTRAIN_ALLOCATOR"] = args.allocator  # fit must not re-execute itself under another allocator
     rows = []
     for spec in VARIANTS:

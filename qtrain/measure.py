@@ -229,7 +229,23 @@ def jemalloc_exec_env(env: dict) -> dict | None:
                               "(apt install libjemalloc2) or unset QTRAIN_ALLOCATOR")
         return None
     # the guard stops a loop when the preload fails (ld.so then only warns)
-    return {**env, "LD_PRELOAD": ":".join(x for x in (lib, env.get("LD_PRELOAD", "")) if x), "_QTRAIN_REEXEC": "1"}
+    return {**env, **jemalloc_preload_env(lib, env), "_QTRAIN_REEXEC": "1"}
+
+
+# One arena for every thread. By default jemalloc gives each thread one of 4 x cores arenas, so memory freed by
+# one thread (oneDNN's and MKL's per-thread packing buffers, autograd's worker) is not reused by another; the
+# peak then depends on which thread allocated what. Measured on held-out shapes (LoRA, checkpointing, 4x256, 2
+# cores): Gemma 871 -> 822 MiB and StarCoder2 940 -> 894 MiB peak RSS with one arena, at 407 -> 389 and 469 -> 473
+# tokens/s (benchmarks/results/allocator_speed.md compares the two on the default model). Small allocations keep
+# their per-thread caches (tcache), so threads contend on the arena only for large blocks. A user's own
+# MALLOC_CONF comes after and wins (jemalloc reads the options left to right); the planner's constants assume ours.
+JEMALLOC_CONF = "narenas:1"
+
+
+def jemalloc_preload_env(lib: str, env: dict) -> dict:
+    """LD_PRELOAD and MALLOC_CONF to start a process on jemalloc configured as the planner was calibrated."""
+    return {"LD_PRELOAD": ":".join(x for x in (lib, env.get("LD_PRELOAD")) if x),
+            "MALLOC_CONF": ",".join(x for x in (JEMALLOC_CONF, env.get("MALLOC_CONF")) if x)}
 
 
 def heap_bound_requested() -> int:

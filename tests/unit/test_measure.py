@@ -79,6 +79,9 @@ def test_fit_reexecs_with_jemalloc_only_when_wanted_and_found(monkeypatch):
     monkeypatch.setattr(m, "find_jemalloc", lambda: "/usr/lib/libjemalloc.so.2")
     env = m.jemalloc_exec_env({"PATH": "/bin", "LD_PRELOAD": "/opt/other.so"})
     assert env["LD_PRELOAD"] == "/usr/lib/libjemalloc.so.2:/opt/other.so" and env["PATH"] == "/bin"
+    assert env["MALLOC_CONF"] == m.JEMALLOC_CONF  # the configuration the planner was calibrated with
+    # a user's own options come last, where jemalloc lets them override ours
+    assert m.jemalloc_exec_env({"MALLOC_CONF": "narenas:8"})["MALLOC_CONF"] == f"{m.JEMALLOC_CONF},narenas:8"
     assert m.jemalloc_exec_env(env) is None  # the re-executed process does not loop
     assert m.jemalloc_exec_env({"QTRAIN_ALLOCATOR": "glibc"}) is None
     assert m.fit_allocator({"QTRAIN_ALLOCATOR": "glibc"}) == "glibc" and m.fit_allocator({}) == "jemalloc"
