@@ -10,8 +10,9 @@ peak RSS. Once with glibc's allocator, once with the system jemalloc preloaded.
 
     python benchmarks/plan_heldout.py [--times 3] [--allocators glibc,jemalloc]
     python benchmarks/plan_heldout.py --repredict   # the saved measurements against the current planner
+    python benchmarks/plan_heldout.py --set blind|third   # the second and third sets of shapes
 
-Writes benchmarks/results/plan_heldout.{json,md}.
+Writes benchmarks/results/plan_heldout{,_blind,_third}.{json,md}.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, write_results  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 from memory_calibration import combine, measure, score  # noqa: E402
 
 VOCAB = 49152  # the embedded tokenizer's; a larger vocabulary leaves the extra rows unused, as a real one can
@@ -80,7 +81,36 @@ SHAPES_BLIND = {
                                                   "intermediate_size": 768, "vocab_size": VOCAB,
                                                   "tie_word_embeddings": False},
 }
-SETS = {"first": ("plan_heldout", SHAPES), "blind": ("plan_heldout_blind", SHAPES_BLIND)}
+# A third set, chosen (and committed) before its first run, after jemalloc was given one arena
+# (qtrain.measure.JEMALLOC_CONF) and the runtime constants refitted on the calibration models alone: families
+# neither earlier set has (Granite's multipliers, StableLM's partial rotary and LayerNorm -- which the census
+# refuses, so the formula is checked --, Gemma 2's soft-capping and four norms per layer, Cohere's parallel
+# attention and MLP, StarCoder's gpt_bigcode with MQA and eager attention) and a wider, shallower Qwen2.
+SHAPES_THIRD = {
+    "granite (multipliers, MHA, tied)": {"model_type": "granite", "hidden_size": 448, "num_hidden_layers": 4,
+                                         "num_attention_heads": 7, "num_key_value_heads": 7,
+                                         "intermediate_size": 1280, "vocab_size": VOCAB, "tie_word_embeddings": True},
+    "stablelm (partial rotary, LayerNorm, untied)": {"model_type": "stablelm", "hidden_size": 384,
+                                                     "num_hidden_layers": 6, "num_attention_heads": 6,
+                                                     "num_key_value_heads": 6, "intermediate_size": 1024,
+                                                     "vocab_size": VOCAB, "tie_word_embeddings": False},
+    "gemma2 (soft-capping, head_dim 80, GQA, tied)": {"model_type": "gemma2", "hidden_size": 320,
+                                                      "num_hidden_layers": 6, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2, "head_dim": 80,
+                                                      "intermediate_size": 1280, "vocab_size": VOCAB},
+    "cohere (parallel attention and MLP, tied)": {"model_type": "cohere", "hidden_size": 256, "num_hidden_layers": 6,
+                                                  "num_attention_heads": 4, "num_key_value_heads": 4,
+                                                  "intermediate_size": 1024, "vocab_size": VOCAB},
+    "gpt_bigcode (MQA, eager attention, tied)": {"model_type": "gpt_bigcode", "n_embd": 384, "n_layer": 6,
+                                                 "n_head": 6, "vocab_size": VOCAB, "n_positions": 1024},
+    "qwen2 (wide and shallow, GQA, untied)": {"model_type": "qwen2", "hidden_size": 640, "num_hidden_layers": 3,
+                                              "num_attention_heads": 10, "num_key_value_heads": 2,
+                                              "intermediate_size": 1792, "vocab_size": VOCAB,
+                                              "tie_word_embeddings": False},
+}
+SETS = {"first": ("plan_heldout", SHAPES), "blind": ("plan_heldout_blind", SHAPES_BLIND),
+        "third": ("plan_heldout_third", SHAPES_THIRD)}
+TITLES = {"first": "", "blind": ": the blind second set", "third": ": the third set, blind to the one-arena refit"}
 # (method, checkpointing, seq, micro-batch): an adapter run whose heap glibc may keep, and a full run
 RECIPES = [("lora", True, 256, 4), ("full", False, 512, 1)]
 
@@ -115,11 +145,12 @@ def judge(row: dict, allocator: str) -> dict:
 
 
 def render(result: dict) -> str:
-    title = "# The CPU planner on held-out model shapes" + (
-        ": the blind second set" if result.get("set") == "blind" else "")
+    title = "# The CPU planner on held-out model shapes" + TITLES[result.get("set", "first")]
     lines = [title, "",
              f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), torch "
-             f"{result['machine'].get('torch')}; measured at git {result['git']}. Reproduce: `{result['command']}`."
+             f"{result['machine'].get('torch')}; measured at git {result['git']}"
+             + "".join(f" ({a} rows at git {g}, kept from an earlier run)" for a, g in result.get("git_kept", {}).items())
+             + f". Reproduce: `{result['command']}`."
              + (f" Predictions from the planner at git {result['git_predicted']} (`--repredict`: the runs are "
                 "unchanged; predictions need only shapes and recipes)." if result.get("git_predicted") else "")
              + " Peak RSS of a "
@@ -177,21 +208,22 @@ def main() -> None:
     ap.add_argument("--allocators", default="glibc,jemalloc")
     ap.add_argument("--shapes", type=int, help="the first N shapes only")
     ap.add_argument("--set", choices=SETS, default="first",
-                    help="first: the held-out shapes of the first check; blind: the second set (results *_blind.*)")
+                    help="first: the held-out shapes of the first check; blind: the second set (results *_blind.*); "
+                         "third: the third (results *_third.*)")
     ap.add_argument("--repredict", action="store_true",
                     help="recompute the predictions of the saved measurements (results/plan_heldout.json)")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the saved rows of allocators not measured now (their git is stated beside them)")
     args = ap.parse_args()
     name, all_shapes = SETS[args.set]
     if args.repredict:
-        from common import RESULTS
-
         result = repredict(json.loads((RESULTS / f"{name}.json").read_text()))
         md = render(result)
         write_results(name, result, md)
         print(md)
         return
     from common import git_sha
-    from qtrain.measure import find_jemalloc
+    from qtrain.measure import find_jemalloc, jemalloc_preload_env
     from qtrain.plan import model_shape
 
     allocators = args.allocators.split(",")
@@ -205,15 +237,14 @@ def main() -> None:
         variants = [{"model": models[label], "label": label, "method": m, "gc": gc, "seq": seq, "mb": mb}
                     for label, (m, gc, seq, mb) in itertools.product(shapes, RECIPES)]
         for alloc in allocators:
-            saved = os.environ.pop("LD_PRELOAD", None)
-            if alloc == "jemalloc":
-                os.environ["LD_PRELOAD"] = find_jemalloc()  # inherited by each worker process
+            saved = dict(os.environ)
+            if alloc == "jemalloc":  # inherited by each worker process
+                os.environ.update(jemalloc_preload_env(find_jemalloc(), os.environ))
             try:
                 runs = [[measure(spec) for spec in variants] for _ in range(args.times)]
             finally:
-                os.environ.pop("LD_PRELOAD", None)
-                if saved:
-                    os.environ["LD_PRELOAD"] = saved
+                os.environ.clear()
+                os.environ.update(saved)
             rows = []
             for i, spec in enumerate(variants):
                 row = combine([rs[i] for rs in runs])
@@ -223,9 +254,18 @@ def main() -> None:
                 rows.append(row)
             out[alloc] = rows
     command = f"python benchmarks/plan_heldout.py --times {args.times} --allocators {args.allocators}" + \
-        (f" --shapes {args.shapes}" if args.shapes else "") + (f" --set {args.set}" if args.set != "first" else "")
+        (f" --shapes {args.shapes}" if args.shapes else "") + (f" --set {args.set}" if args.set != "first" else "") + \
+        (" --keep-others" if args.keep_others else "")
+    git_kept = {}
+    if args.keep_others and (RESULTS / f"{name}.json").exists():
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        for alloc, rows in old["rows"].items():
+            if alloc not in out:
+                out[alloc] = rows
+                git_kept[alloc] = old.get("git_kept", {}).get(alloc, old["git"])
     result = header(name, git=git, set=args.set, command=command, times=args.times, shapes=shapes,
-                    recipes=[dict(zip(("method", "gc", "seq", "mb"), r)) for r in RECIPES], rows=out)
+                    recipes=[dict(zip(("method", "gc", "seq", "mb"), r)) for r in RECIPES], rows=out,
+                    git_kept=git_kept)
     md = render(result)
     write_results(name, result, md)
     print(md)
