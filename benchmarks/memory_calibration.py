@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny model only")
     ap.add_argument("--repredict", action="store_true", help="recompute the predictions of the saved measurements")
+    ap.add_argument("--fit-runtime", action="store_true",
+                    help="with --allocator jemalloc: the runtime constant (plan.HOST_HEAP) refitted on the saved runs")
     ap.add_argument("--repeat", metavar="METHOD,CKPT,SEQ,MB[,ACCUM]",
                     help="one default-model variant, e.g. lora,on,512,1 (gradient accumulation 1 unless given)")
     ap.add_argument("--times", type=int, default=3)
@@ -100,8 +103,14 @@ def main() -> None:
         if lib is None:
             raise SystemExit("--allocator jemalloc: no libjemalloc.so.2 found; apt install libjemalloc2")
         os.environ.update(jemalloc_preload_env(lib, os.environ))  # inherited by the worker processes
-    if args.repredict:
-        render(repredict(json.loads((RESULTS / f"memory_calibration{SUFFIX}.json").read_text())))
+    if args.repredict or args.fit_runtime:
+        result = repredict(json.loads((RESULTS / f"memory_calibration{SUFFIX}.json").read_text()))
+        if args.fit_runtime:
+            median, bar, implied = fitted_runtime(result)
+            print(f"runtime that centres each variant (MiB): {', '.join(f'{x:.0f}' for x in implied)}; "
+                  f"median {median:.0f}; none under by more than 3% against its highest run: {bar:.1f}")
+            return
+        render(result)
         return
     if args.repeat:
         repeat(args.repeat, args.times, args.dtype)
@@ -228,6 +237,22 @@ def repredict(result: dict) -> dict:
         score(r)
     result["git_predicted"] = git_sha()
     return result
+
+
+def fitted_runtime(result: dict, under_bar: float = 0.03) -> tuple[float, float, list[float]]:
+    """The jemalloc runtime constant (plan.HOST_HEAP) refitted on saved runs, in MiB. Every phase of the peak
+    counts the runtime once, so a prediction moves one for one with it. Returns the runtime that centres the
+    median variant (each variant's implied runtime: the one that makes its prediction equal its median run),
+    the smallest runtime with which no variant is under-predicted by more than ``under_bar`` against its highest
+    run (the planner's constant: under-prediction is the error that crashes a run), and the implied runtimes.
+    Needs predictions from the current planner (repredict)."""
+    from qtrain.plan import HOST_HEAP
+
+    now = HOST_HEAP["jemalloc"][0]
+    rows = [r for r in result["rows"] if "error" not in r]
+    implied = [(now + r["measured_peak_bytes"] - r["predicted_peak_bytes"]) / 2**20 for r in rows]
+    floor = max((1 - under_bar) * max(r["runs_peak_bytes"]) - r["predicted_peak_bytes"] for r in rows)
+    return statistics.median(implied), (now + floor) / 2**20, implied
 
 
 def render(result: dict) -> None:
