@@ -198,27 +198,9 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     b = DTYPE_BYTES[recipe.dtype]
     # weights that train are fp32 masters under mixed precision (train.weights_dtype); frozen ones are in b
     wb = 4 if recipe.method in ("full", "bitnet") else b
-    total = shape.total_params()
+    total = _trained_params(shape, recipe)
     linear = shape.n_layers * sum(shape.layer_linear_params().values())
-    terms: dict[str, int] = {}
-    if recipe.method == "qlora":
-        terms["weights"] = int(linear * NF4_BYTES_PER_PARAM + (total - linear) * b)
-    elif recipe.method == "bitnet":
-        # full-precision shadow weights (the optimizer updates them; the ternary values are derived each
-        # forward), plus bitnet_rms_norm's gains
-        if recipe.bitnet_rms_norm:
-            total += shape.n_layers * (6 * shape.hidden + shape.intermediate)
-        terms["weights"] = total * wb
-    else:
-        terms["weights"] = total * wb
-    if (device.startswith("cpu") and recipe.method == "lora" and not shape.tied
-            and 0 < shape.indexed_vocab < shape.vocab and shape.stored_dtype in (recipe.dtype, f"torch.{recipe.dtype}")):
-        # Frozen weights stored in the dtype they train in stay memory-mapped from the safetensors file, and a
-        # page of the input embedding becomes resident only when a token's row is read: rows past the
-        # tokenizer's last id never are. (Rows inside it are counted: a long run reads most of them.) Measured
-        # on a 100k-row embedding under a 49k tokenizer: RssFile grew by the embedding's size only when the
-        # whole table was read. A dtype conversion at load copies every row into anonymous memory instead.
-        terms["weights"] -= (shape.vocab - shape.indexed_vocab) * shape.hidden * b
+    terms = {"weights": _weight_bytes(shape, recipe, device, wb)}
     if recipe.method in ("lora", "qlora"):
         trainable = shape.lora_params(recipe.lora_r, recipe.target_modules)
         terms["lora_parameters"] = trainable * 4  # adapters are kept in fp32
@@ -299,6 +281,34 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     # DDP overlaps its bucketed all-reduce with backward): an upper bound on a slow interconnect
     tps = ASSUMED_MFU * peak_flops / flops * devices
     return Prediction(terms, peak, tps, load_peak, step_terms=step)
+
+
+def _weight_bytes(shape: ModelShape, recipe: Recipe, device: str, wb: int) -> int:
+    """Resident bytes of the model's weights while it trains (``wb``: bytes of a weight that trains)."""
+    b = DTYPE_BYTES[recipe.dtype]
+    total = _trained_params(shape, recipe)
+    if recipe.method == "qlora":
+        linear = shape.n_layers * sum(shape.layer_linear_params().values())
+        return int(linear * NF4_BYTES_PER_PARAM + (total - linear) * b)
+    weights = total * wb
+    if (device.startswith("cpu") and recipe.method == "lora" and not shape.tied
+            and 0 < shape.indexed_vocab < shape.vocab and shape.stored_dtype in (recipe.dtype, f"torch.{recipe.dtype}")):
+        # Frozen weights stored in the dtype they train in stay memory-mapped from the safetensors file, and a
+        # page of the input embedding becomes resident only when a token's row is read: rows past the
+        # tokenizer's last id never are. (Rows inside it are counted: a long run reads most of them.) Measured
+        # on a 100k-row embedding under a 49k tokenizer: RssFile grew by the embedding's size only when the
+        # whole table was read. A dtype conversion at load copies every row into anonymous memory instead.
+        weights -= (shape.vocab - shape.indexed_vocab) * shape.hidden * b
+    return weights
+
+
+def _trained_params(shape: ModelShape, recipe: Recipe) -> int:
+    """The model's parameters as it trains: BitNet with ``bitnet_rms_norm`` adds the gains of its norms (the
+    full-precision shadow weights are what the optimizer updates; the ternary values are derived each forward)."""
+    total = shape.total_params()
+    if recipe.method == "bitnet" and recipe.bitnet_rms_norm:
+        total += shape.n_layers * (6 * shape.hidden + shape.intermediate)
+    return total
 
 
 # Bytes of temporaries the optimizer step allocates, in elements of the trainable weights: torch's AdamW runs
