@@ -184,7 +184,7 @@ def repredict(result: dict) -> dict:
     from qtrain.models import load_tokenizer, resolve_model_source
     from qtrain.plan import predict
     from qtrain.recipe import load_recipe
-    from qtrain.shapes import shape_from_config
+    from qtrain.shapes import complete_config, shape_from_config
 
     # what model_shape reads from the directories build() wrote: fp32 weights and the embedded tokenizer
     saved = {"indexed_vocab": len(load_tokenizer(resolve_model_source(None))), "stored_dtype": "float32"}
@@ -194,7 +194,8 @@ def repredict(result: dict) -> dict:
                 continue
             recipe = load_recipe(None, [f"method={r['method']}", f"gradient_checkpointing={r['gc']}",
                                         f"seq_len={r['seq']}", f"micro_batch_size={r['mb']}", "grad_accum_steps=1"])
-            shape = dataclasses.replace(shape_from_config(result["shapes"][r["model"]], r["model"]), **saved)
+            shape = dataclasses.replace(shape_from_config(complete_config(result["shapes"][r["model"]]), r["model"]),
+                                        **saved)
             pred = predict(shape, recipe, "cpu", allocator=alloc)
             r["predicted_peak_bytes"], r["terms"] = pred.peak_bytes, pred.terms
             r.update(judge(score(r), alloc))

@@ -225,7 +225,7 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
     terms["backward_workspace"] = one_layer
     distill = recipe.distill_weight > 0
     # under FSDP the LM head's weight is a shard outside the module's own forward, so the loop runs the plain head
-    if recipe.fused_cross_entropy and not (recipe.fsdp and devices > 1):
+    if recipe.fused_cross_entropy and shape.fusable_head and not (recipe.fsdp and devices > 1):
         # distillation holds about six chunk-sized tensors (both models' log-probabilities, their softmaxes,
         # the gradient) in smaller chunks; cross-entropy two
         rows, copies = (min(tokens, DISTILL_CHUNK_ROWS), 6) if distill else (min(tokens, FUSED_CE_CHUNK_ROWS), 2)
@@ -239,8 +239,9 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # + the fp32 last hidden states and their gradient (kept for backward)
         terms["logits_and_loss"] = chunks + tokens * shape.hidden * 4 * 2
     else:
-        # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32 (and the teacher's two)
-        terms["logits_and_loss"] = tokens * shape.vocab * 4 * (5 if distill else 3)
+        # logits, their log-softmax and its gradient, all [tokens, vocab] in fp32 (and the teacher's two), and
+        # what a soft-capped head keeps besides
+        terms["logits_and_loss"] = tokens * shape.vocab * 4 * ((5 if distill else 3) + shape.head_extra_logits)
     if distill:
         terms["teacher_weights"], teacher_b = _teacher_bytes(shape, recipe.distill_teacher_dtype, device)
         # its forward keeps no activations: one layer's tensors in flight, and its last hidden states
@@ -590,7 +591,7 @@ def model_shape(model: str | None) -> ModelShape:
     from pathlib import Path
 
     from qtrain.models import DEFAULT_MODEL_NAME, ModelError
-    from qtrain.shapes import lookup_known, shape_from_config, tokenizer_rows
+    from qtrain.shapes import complete_config, lookup_known, shape_from_config, tokenizer_rows
 
     if model is None:
         return shape_from_config(lookup_known("HuggingFaceTB/SmolLM2-135M"), DEFAULT_MODEL_NAME)
@@ -603,15 +604,7 @@ def model_shape(model: str | None) -> ModelShape:
         if not isinstance(cfg, dict):
             raise ModelError(f"{path / 'config.json'} holds a {type(cfg).__name__}, not a JSON object of config keys; "
                              "restore it from the model's source")
-        try:
-            # save_pretrained omits values equal to the family's defaults (Gemma's config.json has no
-            # tie_word_embeddings: it is tied by default); the family's config class fills them back in
-            from transformers import AutoConfig
-
-            cfg = {**AutoConfig.for_model(**cfg).to_dict(), **cfg}
-        except (ValueError, KeyError, TypeError):
-            pass  # a family this transformers does not know: the file's own values
-        shape = shape_from_config(cfg, path.name)
+        shape = shape_from_config(complete_config(cfg), path.name)
         return dataclasses.replace(shape, indexed_vocab=tokenizer_rows(path))
     if path.is_file() and path.suffix == ".gguf":
         from qtrain.models import ModelSource, load_config

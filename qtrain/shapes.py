@@ -45,6 +45,11 @@ class ModelShape:
     # Vocabularies padded past the tokenizer (for matmul-friendly sizes) leave the rest unread.
     indexed_vocab: int = 0
     stored_dtype: str = ""  # the weights' dtype in the checkpoint, as the config names it ("" when unknown)
+    # Soft-capped (Gemma 2) or scaled (Cohere) logits, or a forward without logits_to_keep (gpt_bigcode): the
+    # fused loss cannot stand in for the head (see qtrain.loss.fused_head), so training computes the whole
+    # [tokens, vocab] logits; soft-capping keeps one more such tensor for backward (tanh's output).
+    fusable_head: bool = True
+    head_extra_logits: int = 0
     # the config it was read from (JSON), for the activation census (qtrain.census)
     source_config: str = field(default="", compare=False, repr=False)
 
@@ -126,6 +131,34 @@ def _get(cfg: dict, *keys, default=None):
     return default
 
 
+@lru_cache(maxsize=None)
+def forward_keeps_logits(family: str) -> bool:
+    """Whether the family's causal-LM forward takes ``logits_to_keep``, which the fused loss needs to skip the
+    head (qtrain.loss.fused_head); False for a family this transformers cannot build (the planner then counts
+    the whole logits, the larger)."""
+    import inspect
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(family))]
+    except (KeyError, ValueError, ImportError):
+        return False
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def complete_config(cfg: dict) -> dict:
+    """``cfg`` with its family's defaults filled in: save_pretrained omits values equal to them (Gemma's
+    config.json has no tie_word_embeddings, Gemma 2's no final_logit_softcapping). A family this transformers
+    does not know keeps the file's own values."""
+    try:
+        from transformers import AutoConfig
+
+        return {**AutoConfig.for_model(**cfg).to_dict(), **cfg}
+    except (ValueError, KeyError, TypeError):
+        return cfg
+
+
 def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
     """Normalise a Hugging Face config dict into a ModelShape."""
     family = cfg.get("model_type", "unknown")
@@ -152,11 +185,14 @@ def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
     learned = _get(cfg, "n_positions", default=0) if family in ("gpt2", "gpt_bigcode") else 0
     tied = bool(cfg.get("tie_word_embeddings", family in ("gpt2", "gpt_bigcode")))
     head_dim = cfg.get("head_dim")  # set only by families that read it (Llama's own configs write h / heads)
+    softcap, scaled = bool(cfg.get("final_logit_softcapping")), bool(cfg.get("logit_scale"))
     return ModelShape(name=name, family=family, n_layers=int(layers), hidden=int(hidden), n_heads=int(heads),
                       n_kv_heads=int(kv), intermediate=int(inter), vocab=int(vocab), tied=tied, gated_mlp=gated,
                       learned_positions=int(learned), qkv_bias=family == "qwen2",
                       explicit_head_dim=int(head_dim) if isinstance(head_dim, int) else 0,
                       stored_dtype=str(_get(cfg, "torch_dtype", "dtype", default="")),
+                      fusable_head=not (softcap or scaled) and forward_keeps_logits(family),
+                      head_extra_logits=int(softcap),
                       source_config=json.dumps(cfg, sort_keys=True, default=str))
 
 

@@ -375,3 +375,32 @@ def test_a_corrupt_config_json_is_named_with_the_way_out(tmp_path, text, message
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ModelError, match=f"config.json {message}.*restore it"):
         model_shape(str(tmp_path))
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("llama", {}),
+    ("gemma2", {"head_dim": 16}),  # soft-capped logits by default
+    ("cohere", {}),  # scaled logits by default
+    ("gpt_bigcode", {}),  # a forward without logits_to_keep
+])
+def test_planner_knows_when_the_fused_loss_stands_in_for_the_head(family, extra):
+    # The planner counts chunked logits only where training fuses the head into the loss; elsewhere the whole
+    # [tokens, vocab] logits (three copies, four with soft-capping). Both read the same model here.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtrain.loss import fused_head
+    from qtrain.shapes import complete_config
+
+    small = {"hidden_size": 64, "n_embd": 64, "num_hidden_layers": 1, "n_layer": 1, "num_attention_heads": 4,
+             "n_head": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512, **extra}
+    cfg = AutoConfig.for_model(family, **small)
+    model = AutoModelForCausalLM.from_config(cfg)
+    raw = {k: v for k, v in cfg.to_diff_dict().items()}  # what save_pretrained writes: defaults left out
+    shape = shape_from_config(complete_config({"model_type": family, **raw}), family)
+    assert shape.fusable_head == (fused_head(model) is not None)
+    recipe = Recipe(method="lora", seq_len=64, micro_batch_size=2, gradient_checkpointing=True)
+    logits = predict(shape, recipe, "cpu").terms["logits_and_loss"]
+    if shape.fusable_head:
+        assert logits < 128 * 512 * 4 * 3
+    else:
+        assert logits == 128 * 512 * 4 * (4 if family == "gemma2" else 3)
