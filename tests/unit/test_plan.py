@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -5,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from qtrain.plan import (FULL_GRADIENT_OVERLAP, NF4_BYTES_PER_PARAM, BudgetError, formula_layer_bytes,
+from qtrain.plan import (FULL_GRADIENT_OVERLAP, HOST_HEAP, NF4_BYTES_PER_PARAM, BudgetError, formula_layer_bytes,
                          layer_activation_bytes, parse_bytes,
                          plan_recipe, predict)
 from qtrain.recipe import Recipe
@@ -399,8 +400,34 @@ def test_planner_knows_when_the_fused_loss_stands_in_for_the_head(family, extra)
     shape = shape_from_config(complete_config({"model_type": family, **raw}), family)
     assert shape.fusable_head == (fused_head(model) is not None)
     recipe = Recipe(method="lora", seq_len=64, micro_batch_size=2, gradient_checkpointing=True)
-    logits = predict(shape, recipe, "cpu").terms["logits_and_loss"]
+    logits = predict(shape, recipe, "cpu", allocator="glibc").terms["logits_and_loss"]
     if shape.fusable_head:
         assert logits < 128 * 512 * 4 * 3
     else:
         assert logits == 128 * 512 * 4 * (4 if family == "gemma2" else 3)
+
+
+@pytest.mark.parametrize("method,gc", [("full", False), ("lora", True)])
+def test_with_jemalloc_the_whole_logits_share_memory_with_the_backward_after_them(method, gc):
+    # All copies but the logits' gradient are freed before the head's backward, and jemalloc hands their memory
+    # to the layers' backward and the gradients allocated after; its fragmentation share is not taken of them.
+    shape = shape_from_config({"model_type": "gemma2", "hidden_size": 256, "num_hidden_layers": 4,
+                               "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64,
+                               "intermediate_size": 1024, "vocab_size": 49152, "final_logit_softcapping": 30.0,
+                               "tie_word_embeddings": True}, "gemma2")
+    assert not shape.fusable_head
+    recipe = Recipe(method=method, seq_len=512, micro_batch_size=1, gradient_checkpointing=gc, grad_accum_steps=1)
+    one_copy = 512 * 49152 * 4
+    glibc = predict(shape, recipe, "cpu", allocator="glibc")
+    jem = predict(shape, recipe, "cpu", allocator="jemalloc")
+    assert glibc.terms["logits_and_loss"] == 4 * one_copy
+    later = jem.terms["backward_workspace"] * (2 if gc else 1) + jem.terms["gradients"]
+    assert jem.terms["logits_and_loss"] == max(one_copy, 4 * one_copy - later)
+    runtime, fragmentation = HOST_HEAP["jemalloc"]
+    others = sum(v for k, v in jem.terms.items() if k not in ("runtime_overhead", "logits_and_loss"))
+    assert jem.terms["runtime_overhead"] == runtime + int(fragmentation * others)
+    # with accumulation the gradients live through the next forward, so they take none of the logits' memory
+    accum = predict(shape, dataclasses.replace(recipe, grad_accum_steps=2), "cpu", allocator="jemalloc")
+    workspace_only = 4 * one_copy - jem.terms["backward_workspace"] * (2 if gc else 1)
+    assert accum.terms["logits_and_loss"] == max(one_copy, workspace_only)
+    assert accum.terms["logits_and_loss"] > jem.terms["logits_and_loss"]
