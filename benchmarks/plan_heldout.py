@@ -123,8 +123,9 @@ SHAPES_FOURTH = {
                                   "vocab_size": VOCAB},
     "gpt_bigcode (MQA, deep and narrow, tied)": {"model_type": "gpt_bigcode", "n_embd": 256, "n_layer": 10,
                                                  "n_head": 4, "vocab_size": VOCAB, "n_positions": 1024},
+    # 8 heads: the first choice, 6, cannot run (CodeGen's fused qkv splits the heads over mp_num = 4 groups)
     "codegen (parallel attention and MLP, untied)": {"model_type": "codegen", "n_embd": 384, "n_layer": 4,
-                                                     "n_head": 6, "rotary_dim": 32, "vocab_size": VOCAB,
+                                                     "n_head": 8, "rotary_dim": 32, "vocab_size": VOCAB,
                                                      "n_positions": 1024, "n_ctx": 1024},
     "gpt2 (Conv1D, learned positions, tied)": {"model_type": "gpt2", "n_embd": 320, "n_layer": 6, "n_head": 5,
                                                "vocab_size": VOCAB, "n_positions": 1024},
@@ -175,7 +176,9 @@ def render(result: dict) -> str:
              f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), torch "
              f"{result['machine'].get('torch')}; measured at git {result['git']}"
              + "".join(f" ({a} rows at git {g}, kept from an earlier run)" for a, g in result.get("git_kept", {}).items())
-             + f". Reproduce: `{result['command']}`."
+             + "".join(f" ({label} re-measured at git {g})" for label, g in result.get("git_rows", {}).items())
+             + f". Reproduce: `{result['command']}`"
+             + "".join(f", then `{c}`" for c in result.get("commands", [])) + "."
              + (f" Predictions from the planner at git {result['git_predicted']} (`--repredict`: the runs are "
                 "unchanged; predictions need only shapes and recipes)." if result.get("git_predicted") else "")
              + " Peak RSS of a "
@@ -240,6 +243,9 @@ def main() -> None:
                     help="recompute the predictions of the saved measurements (results/plan_heldout.json)")
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the saved rows of allocators not measured now (their git is stated beside them)")
+    ap.add_argument("--only", metavar="TEXT",
+                    help="measure only the shapes whose label contains TEXT, replacing their saved rows and keeping "
+                         "the others (their git is stated beside them)")
     args = ap.parse_args()
     name, all_shapes = SETS[args.set]
     if args.repredict:
@@ -257,6 +263,10 @@ def main() -> None:
         raise SystemExit("no libjemalloc.so.2 found; apt install libjemalloc2, or --allocators glibc")
     git = git_sha()  # the code that measured, before any edit made while it runs
     shapes = dict(list(all_shapes.items())[: args.shapes] if args.shapes else all_shapes.items())
+    if args.only:
+        shapes = {label: cfg for label, cfg in shapes.items() if args.only in label}
+        if not shapes:
+            raise SystemExit(f"--only {args.only!r} matches no shape of the {args.set} set: {', '.join(all_shapes)}")
     out: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="qtrain-heldout-") as d:
         models = {label: build(cfg, Path(d) / f"m{i}") for i, (label, cfg) in enumerate(shapes.items())}
@@ -283,6 +293,21 @@ def main() -> None:
         (f" --shapes {args.shapes}" if args.shapes else "") + (f" --set {args.set}" if args.set != "first" else "") + \
         (" --keep-others" if args.keep_others else "")
     git_kept = {}
+    if args.only:
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        order = list(all_shapes)
+        for alloc, rows in old["rows"].items():
+            fresh = out.get(alloc, [])
+            kept = [r for r in rows if r["label"] not in shapes]
+            out[alloc] = sorted(kept + fresh, key=lambda r: (order.index(r["label"]),
+                                                            [m for m, *_ in RECIPES].index(r["method"])))
+        result = {**old, "rows": out, "git_rows": {**old.get("git_rows", {}), **{label: git for label in shapes}},
+                  "commands": [*old.get("commands", []), command + f" --only '{args.only}'"],
+                  "shapes": {**old["shapes"], **shapes}}
+        md = render(result)
+        write_results(name, result, md)
+        print(md)
+        return
     if args.keep_others and (RESULTS / f"{name}.json").exists():
         old = json.loads((RESULTS / f"{name}.json").read_text())
         for alloc, rows in old["rows"].items():

@@ -147,6 +147,38 @@ def forward_keeps_logits(family: str) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+@lru_cache(maxsize=256)
+def _head_fusable(config_json: str) -> bool | None:
+    """Whether training fuses this config's LM head into the loss: qtrain.loss.fused_head asked about a one-layer
+    model built on the meta device (no memory, ~0.02-1 s), so the planner and the loop decide alike (a head with
+    a bias, as Phi's, soft-capped or scaled logits, a forward without logits_to_keep). None: this transformers
+    cannot build the config."""
+    import torch
+
+    from qtrain.loss import fused_head
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**json.loads(config_json))
+        config.num_hidden_layers = 1
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 -- any family's constructor may refuse a config; the caller falls back
+        return None
+    return fused_head(model) is not None
+
+
+def head_fusable(cfg: dict, family: str) -> bool:
+    """Whether the fused loss stands in for the LM head of a model with config ``cfg`` (see _head_fusable); for a
+    config this transformers cannot build, from the config's own flags and the family's forward."""
+    built = _head_fusable(json.dumps(cfg, sort_keys=True, default=str)) if "model_type" in cfg else None
+    if built is not None:
+        return built
+    softcap, scaled = bool(cfg.get("final_logit_softcapping")), bool(cfg.get("logit_scale"))
+    return not (softcap or scaled) and forward_keeps_logits(family)
+
+
 def complete_config(cfg: dict) -> dict:
     """``cfg`` with its family's defaults filled in: save_pretrained omits values equal to them (Gemma's
     config.json has no tie_word_embeddings, Gemma 2's no final_logit_softcapping). A family this transformers
@@ -185,13 +217,13 @@ def shape_from_config(cfg: dict, name: str = "model") -> ModelShape:
     learned = _get(cfg, "n_positions", default=0) if family in ("gpt2", "gpt_bigcode") else 0
     tied = bool(cfg.get("tie_word_embeddings", family in ("gpt2", "gpt_bigcode")))
     head_dim = cfg.get("head_dim")  # set only by families that read it (Llama's own configs write h / heads)
-    softcap, scaled = bool(cfg.get("final_logit_softcapping")), bool(cfg.get("logit_scale"))
+    softcap = bool(cfg.get("final_logit_softcapping"))
     return ModelShape(name=name, family=family, n_layers=int(layers), hidden=int(hidden), n_heads=int(heads),
                       n_kv_heads=int(kv), intermediate=int(inter), vocab=int(vocab), tied=tied, gated_mlp=gated,
                       learned_positions=int(learned), qkv_bias=family == "qwen2",
                       explicit_head_dim=int(head_dim) if isinstance(head_dim, int) else 0,
                       stored_dtype=str(_get(cfg, "torch_dtype", "dtype", default="")),
-                      fusable_head=not (softcap or scaled) and forward_keeps_logits(family),
+                      fusable_head=head_fusable(cfg, family),
                       head_extra_logits=int(softcap),
                       source_config=json.dumps(cfg, sort_keys=True, default=str))
 
