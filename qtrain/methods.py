@@ -156,7 +156,7 @@ def checkpointing_takes_effect(model: nn.Module) -> bool:
     """Whether transformers' ``gradient_checkpointing_enable`` changes anything for this model. Some families
     accept the call and ignore it: in transformers 4.57 gpt_bigcode (StarCoder 1, TinyStarCoder) sets the flag
     on a model whose blocks never read it, so a checkpointed run kept every layer's activations (found by
-    benchmarks/plan_heldout.py: 0.24 GiB more than planned on a 6-layer model)."""
+    benchmarks/plan_heldout.py: 0.26 GiB more peak RSS on a 6-layer model than once checkpointed)."""
     import inspect
 
     from transformers.modeling_layers import GradientCheckpointingLayer

@@ -229,6 +229,8 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         terms["activations"] = shape.n_layers * one_layer
     # while a layer runs backward, its activation gradients live beside the saved tensors
     terms["backward_workspace"] = one_layer
+    # what the backward allocates once the loss is computed: the workspace, and with checkpointing the recomputed layer
+    later = one_layer * (2 if recipe.gradient_checkpointing else 1)
     distill = recipe.distill_weight > 0
     unfragmented = 0  # bytes the fragmentation share is not taken of (see WHOLE_LOGITS_UNFRAGMENTED)
     # under FSDP the LM head's weight is a shard outside the module's own forward, so the loop runs the plain head
@@ -242,7 +244,6 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
             # The fused loss computes its gradients during the forward pass and frees its logits chunks before
             # backward begins; the backward's recomputed layer and workspace are allocated after, from the memory
             # the chunks freed (jemalloc hands it back out). Only the chunks' excess over them adds to the peak.
-            later = one_layer * (2 if recipe.gradient_checkpointing else 1)
             chunks = max(0, chunks - later)
         # + the fp32 last hidden states and their gradient (kept for backward)
         terms["logits_and_loss"] = chunks + tokens * shape.hidden * 4 * 2
@@ -262,10 +263,8 @@ def predict(shape: ModelShape, recipe: Recipe, device: str = "cpu", peak_flops: 
         # backward (and, with one micro-batch a step, the gradients live at the peak) is allocated after, from
         # their memory.
         one_copy = tokens * shape.vocab * 4
-        later = one_layer * (2 if recipe.gradient_checkpointing else 1)
-        if recipe.grad_accum_steps <= 1:
-            later += terms["gradients"]
-        terms["logits_and_loss"] = max(one_copy, terms["logits_and_loss"] - later)
+        reused = later + (terms["gradients"] if recipe.grad_accum_steps <= 1 else 0)
+        terms["logits_and_loss"] = max(one_copy, terms["logits_and_loss"] - reused)
         if heap in WHOLE_LOGITS_UNFRAGMENTED:
             unfragmented = terms["logits_and_loss"]
     if heap in ADAPTER_IMPORT_BYTES and recipe.method in ("lora", "qlora"):
