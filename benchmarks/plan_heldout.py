@@ -246,6 +246,9 @@ def main() -> None:
     ap.add_argument("--only", metavar="TEXT",
                     help="measure only the shapes whose label contains TEXT, replacing their saved rows and keeping "
                          "the others (their git is stated beside them)")
+    ap.add_argument("--methods", metavar="M[,M]",
+                    help="measure only these recipes' methods (lora, full), replacing their saved rows and keeping the "
+                         "others (their git is stated beside them)")
     args = ap.parse_args()
     name, all_shapes = SETS[args.set]
     if args.repredict:
@@ -267,11 +270,16 @@ def main() -> None:
         shapes = {label: cfg for label, cfg in shapes.items() if args.only in label}
         if not shapes:
             raise SystemExit(f"--only {args.only!r} matches no shape of the {args.set} set: {', '.join(all_shapes)}")
+    recipes = RECIPES
+    if args.methods:
+        recipes = [r for r in RECIPES if r[0] in args.methods.split(",")]
+        if not recipes:
+            raise SystemExit(f"--methods {args.methods!r} names none of {', '.join(r[0] for r in RECIPES)}")
     out: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="qtrain-heldout-") as d:
         models = {label: build(cfg, Path(d) / f"m{i}") for i, (label, cfg) in enumerate(shapes.items())}
         variants = [{"model": models[label], "label": label, "method": m, "gc": gc, "seq": seq, "mb": mb}
-                    for label, (m, gc, seq, mb) in itertools.product(shapes, RECIPES)]
+                    for label, (m, gc, seq, mb) in itertools.product(shapes, recipes)]
         for alloc in allocators:
             saved = dict(os.environ)
             if alloc == "jemalloc":  # inherited by each worker process
@@ -293,16 +301,19 @@ def main() -> None:
         (f" --shapes {args.shapes}" if args.shapes else "") + (f" --set {args.set}" if args.set != "first" else "") + \
         (" --keep-others" if args.keep_others else "")
     git_kept = {}
-    if args.only:
+    if args.only or args.methods:
         old = json.loads((RESULTS / f"{name}.json").read_text())
-        order = list(all_shapes)
+        order, methods = list(all_shapes), [m for m, *_ in RECIPES]
+        measured = {(label, m) for label in shapes for m, *_ in recipes}
         for alloc, rows in old["rows"].items():
             fresh = out.get(alloc, [])
-            kept = [r for r in rows if r["label"] not in shapes]
-            out[alloc] = sorted(kept + fresh, key=lambda r: (order.index(r["label"]),
-                                                            [m for m, *_ in RECIPES].index(r["method"])))
-        result = {**old, "rows": out, "git_rows": {**old.get("git_rows", {}), **{label: git for label in shapes}},
-                  "commands": [*old.get("commands", []), command + f" --only '{args.only}'"],
+            kept = [r for r in rows if (r["label"], r["method"]) not in measured]
+            out[alloc] = sorted(kept + fresh, key=lambda r: (order.index(r["label"]), methods.index(r["method"])))
+        # which rows were re-measured at this git: a shape (all its recipes) or one method of a shape
+        which = {(label if len(recipes) == len(RECIPES) else f"{label}, {m}"): git for label, m in sorted(measured)}
+        result = {**old, "rows": out, "git_rows": {**old.get("git_rows", {}), **which},
+                  "commands": [*old.get("commands", []), command + (f" --only '{args.only}'" if args.only else "")
+                               + (f" --methods {args.methods}" if args.methods else "")],
                   "shapes": {**old["shapes"], **shapes}}
         md = render(result)
         write_results(name, result, md)
