@@ -317,6 +317,11 @@ def _weight_bytes(shape: ModelShape, recipe: Recipe, device: str, wb: int) -> in
         # tokenizer's last id never are. (Rows inside it are counted: a long run reads most of them.) Measured
         # on a 100k-row embedding under a 49k tokenizer: RssFile grew by the embedding's size only when the
         # whole table was read. A dtype conversion at load copies every row into anonymous memory instead.
+        # How much of the rest a short run makes resident depends on the page cache, not on qtrain: the kernel
+        # maps a file's cached folios whole (large ones on this machine's ext4, Linux 6.18), so on a freshly
+        # written file 607 distinct tokens made 118 of a 120 MiB embedding resident, while after the page cache
+        # was dropped the same 2-step LoRA run (benchmarks/plan_heldout.py's wide Qwen2) peaked ~95 MiB lower
+        # (910-911 against 1000-1009 MiB). Counting the whole table is the bound for both.
         weights -= (shape.vocab - shape.indexed_vocab) * shape.hidden * b
     return weights
 
