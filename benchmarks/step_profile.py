@@ -9,7 +9,7 @@ elementwise and reductions, and the rest (autograd bookkeeping, views, allocatio
 attention" is the tokens/s the step would reach if every other kind took no time: a ceiling for fusions,
 torch.compile and any rewrite that keeps the same matmuls.
 
-    python benchmarks/step_profile.py                       # lora, full, lora-dropout0, lora-compile, full-compile
+    python benchmarks/step_profile.py                       # every variant below
     python benchmarks/step_profile.py --variants lora,full  # writes benchmarks/results/step_profile.{json,md}
 """
 
@@ -157,7 +157,7 @@ def render(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="lora,full,lora-dropout0,lora-compile,full-compile",
+    ap.add_argument("--variants", default="lora,full,lora-dropout0,lora-compile,full-compile,lora-mb2",
                     help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--repeats", type=int, default=3, help="timed micro-steps per variant")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
