@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--name", default="fit_vs_trainer",
+                    help="results/NAME.{json,md}: another name keeps a run on another machine beside the first")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -162,11 +164,13 @@ def main() -> None:
     result = {"benchmark": "fit_vs_trainer", "git": git, "steps": args.steps, "seq_len": 512,
               "effective_batch_sequences": 8, "rows": rows, "ratios": ratios,
               "repeats": args.repeats,
-              "command": f"python benchmarks/fit_vs_trainer.py --steps {args.steps} --repeats {args.repeats}"}
+              "command": f"python benchmarks/fit_vs_trainer.py --steps {args.steps} --repeats {args.repeats}"
+                         + (f" --configs {args.configs}" if args.configs != ",".join(CONFIGS) else "")
+                         + (f" --name {args.name}" if args.name != "fit_vs_trainer" else "")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     from qtrain.io import atomic_write_json, atomic_write_text
 
-    atomic_write_json(RESULTS / "fit_vs_trainer.json", result)
+    atomic_write_json(RESULTS / f"{args.name}.json", result)
     machine = next((r["machine"] for r in rows if "machine" in r), {})
     lines = [f"# qtrain loop vs transformers Trainer + peft ({args.steps} optimizer steps, seq 512, effective batch 8)",
              "", f"Machine: {machine.get('cpu')} ({machine.get('cores')} cores, {machine.get('torch_threads')} torch threads), "
@@ -183,7 +187,7 @@ def main() -> None:
             lines.append(f"| {r['config']} | {r['tokens_per_second']:.1f} | {r['mfu']:.1%} | {r['padding_fraction']:.1%} | "
                          f"{r['peak_rss_bytes'] / 2**30:.2f} | {', '.join(f'{v:.1f}' for v in r['tokens_per_second_runs'])} |")
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
-    atomic_write_text(RESULTS / "fit_vs_trainer.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
