@@ -134,18 +134,20 @@ def render(result: dict) -> str:
              f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores, "
              f"{rows[0]['threads'] if rows else '?'} torch threads), torch {result['machine'].get('torch')}; "
              f"git {result['git']}. Reproduce: `{result['command']}`. Forward and backward of one micro-batch (the "
-             "optimizer step is not in it); step time is the median of the timed repeats; the kinds are the "
+             "optimizer step is not in it); step time is the median of the timed repeats, and each row the round (a "
+             "fresh process, round-robin over the variants) with the median tokens/s; the kinds are the "
              "operators' self time in one more micro-step under torch.profiler (which adds its own overhead, so "
              "they are shares, scaled to the step time). 'If only matmuls and attention' is the tokens/s with every "
              "other kind at zero.", "",
-             "| variant | tokens/s | " + " | ".join(KINDS) + " | if only matmuls and attention |",
-             "|---|---|" + "---|" * len(KINDS) + "---|"]
+             "| variant | tokens/s | rounds (tokens/s) | " + " | ".join(KINDS) + " | if only matmuls and attention |",
+             "|---|---|---|" + "---|" * len(KINDS) + "---|"]
     for r in rows:
         total = r["profiled_seconds"]
         shares = [r["kinds_seconds"][k] / total for k in KINDS]
         core = sum(r["kinds_seconds"][k] for k in ("matmul", "matmul (adapter rank)", "attention")) / total
         ceiling = r["tokens_per_second"] / core if core else float("nan")
-        lines.append(f"| {r['variant']} | {r['tokens_per_second']:.1f} | "
+        rounds = ", ".join(f"{t:.1f}" for t in r.get("tokens_per_second_rounds", [r["tokens_per_second"]]))
+        lines.append(f"| {r['variant']} | {r['tokens_per_second']:.1f} | {rounds} | "
                      + " | ".join(f"{100 * s:.1f}%" for s in shares) + f" | {ceiling:.0f} |")
     lines += ["", "Compilation (torch.compile, first two micro-steps): "
               + (", ".join(f"{r['variant']} {r['compile_seconds']:.0f} s" for r in rows if r["compiled"]) or "none"),
@@ -159,7 +161,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="lora,full,lora-dropout0,lora-compile,full-compile,lora-mb2",
                     help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    ap.add_argument("--repeats", type=int, default=3, help="timed micro-steps per variant")
+    ap.add_argument("--repeats", type=int, default=3, help="timed micro-steps per variant and process")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="fresh processes per variant, round-robin over the variants (the machine is shared: a slow "
+                         "spell lands on every variant alike); each row is the round with the median tokens/s (the "
+                         "lower middle one of an even count)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,20 +176,28 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for name in names:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                out = Path(f.name)
+            proc = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats),
+                                   "--out", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(out.read_text()))
+            out.unlink()
+            print(f"{name}: {runs[name][-1]['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
     rows = []
     for name in names:
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            out = Path(f.name)
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats),
-                               "--out", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(out.read_text()))
-        out.unlink()
-        print(f"{name}: {rows[-1]['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
+        ranked = sorted(runs[name], key=lambda r: r["tokens_per_second"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["tokens_per_second_rounds"] = [r["tokens_per_second"] for r in runs[name]]
+        rows.append(row)
     command = "python benchmarks/step_profile.py" + (f" --variants {args.variants}" if args.variants != ap.get_default(
-        "variants") else "") + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
-    result = header("step_profile", command=command, rows=rows)
+        "variants") else "") + (f" --repeats {args.repeats}" if args.repeats != 3 else "") + (
+        f" --rounds {args.rounds}" if args.rounds != 2 else "")
+    result = header("step_profile", command=command, rounds=args.rounds, rows=rows)
     md = render(result)
     write_results("step_profile", result, md)
     print(md)
