@@ -135,7 +135,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tupl
     from qtrain.io import atomic_write_json
     from qtrain.models import cache_root
 
-    key = f"{device.type}-{platform.processor() or platform.machine()}-{torch.get_num_threads()}t-{dtype}-{torch.__version__}"
+    # the CPU's model and instruction-set flags are in the key: a cache directory can outlive the machine under it
+    # (a VM moved to another host), and the same "AMD EPYC" name covers AVX2-only and AVX512-BF16 hosts
+    where = _cpu_signature() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    key = f"{device.type}-{where}-{torch.get_num_threads()}t-{dtype}-{torch.__version__}"
     path = cache_root() / "matmul_ceiling.json"
     try:
         table = json.loads(path.read_text())
@@ -149,6 +152,40 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tupl
         except OSError:
             pass
     return float(table[key]), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this x86 CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags); None
+    where that cannot be told (no /proc/cpuinfo, or not x86). Without it oneDNN emulates bf16 matmuls: on an AVX2
+    AMD EPYC (2 threads) a 2048^3 bf16 matmul ran ~100x slower than fp32 (benchmarks/README.md, "bf16 on a CPU")."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and a digest of its flags (from /proc/cpuinfo), or the platform's name elsewhere."""
+    import hashlib
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and name in ("", platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}-{hashlib.sha1(flags.encode()).hexdigest()[:8]}" if flags else name
 
 
 def machine_info() -> dict:

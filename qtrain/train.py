@@ -741,6 +741,9 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     run_dir = Path(output)
     prepare_output_dir(run_dir, resume, overwrite, check_only=True)
     set_seed(recipe.seed)
+    slow = slow_precision_warning(recipe, accelerator.device)
+    if slow:
+        _print(accelerator, slow)
 
     source: ModelSource = resolve_model_source(model)
     tokenizer = load_tokenizer(source)
@@ -763,6 +766,18 @@ def fit(recipe: Recipe, *, model: str | None = None, data: str | None = None, ou
     run.open()
     run.train()
     return run.finish(heap_bounded, extra_summary)
+
+
+def slow_precision_warning(recipe: Recipe, device: torch.device) -> str | None:
+    """A warning when the recipe's compute dtype has no fast matmuls on this device: bf16 on an x86 CPU without
+    AVX512-BF16/AMX, where oneDNN emulates it (measure.cpu_has_native_bf16)."""
+    from qtrain.measure import cpu_has_native_bf16
+
+    if device.type != "cpu" or recipe.dtype != "bfloat16" or cpu_has_native_bf16() is not False:
+        return None
+    return ("warning: dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16 or AMX): its matmuls are emulated, "
+            "about 100x slower than fp32 on an AVX2 CPU; train with dtype=float32 (what qtrain plan and fit --budget "
+            "pick on a CPU)")
 
 
 def mixed_precision(recipe: Recipe) -> str:

@@ -91,3 +91,33 @@ def test_fit_reexecs_with_jemalloc_only_when_wanted_and_found(monkeypatch):
     assert m.jemalloc_exec_env({}) is None and m.fit_allocator({}) == "glibc"
     with pytest.raises(QtrainError, match="apt install libjemalloc2"):
         m.jemalloc_exec_env({"QTRAIN_ALLOCATOR": "jemalloc"})
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path):
+    import qtrain.measure as measure
+    from qtrain.recipe import load_recipe
+    from qtrain.train import slow_precision_warning
+
+    cpuinfo = tmp_path / "cpuinfo"
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr(measure.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr("builtins.open", fake_open)
+    bf16, fp32 = load_recipe(None, ["dtype=bfloat16"]), load_recipe(None, [])
+    cpu = torch.device("cpu")
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")  # an AVX2-only x86 CPU
+    assert measure.cpu_has_native_bf16() is False
+    message = slow_precision_warning(bf16, cpu)
+    assert message and "dtype=bfloat16" in message and "dtype=float32" in message
+    assert slow_precision_warning(fp32, cpu) is None
+    assert slow_precision_warning(bf16, torch.device("meta")) is None  # not a CPU: not this warning's business
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert measure.cpu_has_native_bf16() is True and slow_precision_warning(bf16, cpu) is None
+    cpuinfo.unlink()  # unreadable flags: no claim either way
+    assert measure.cpu_has_native_bf16() is None and slow_precision_warning(bf16, cpu) is None
+    monkeypatch.setattr(measure.platform, "machine", lambda: "aarch64")
+    cpuinfo.write_text("flags\t: fpu\n")
+    assert measure.cpu_has_native_bf16() is None
