@@ -121,3 +121,23 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path
     monkeypatch.setattr(measure.platform, "machine", lambda: "aarch64")
     cpuinfo.write_text("flags\t: fpu\n")
     assert measure.cpu_has_native_bf16() is None
+
+
+def test_matmul_ceiling_of_a_slow_dtype_is_not_measured_at_full_size(monkeypatch, tmp_path):
+    """An emulated dtype (bf16 on an AVX2 CPU, ~1 GFLOP/s) would spend minutes on 2048^3 products."""
+    import qtrain.measure as measure
+
+    monkeypatch.setenv("QTRAIN_CACHE", str(tmp_path))
+    sizes = []
+
+    def fake(n, repeats, dtype, device):
+        sizes.append(n)
+        return 1e9 if dtype == torch.bfloat16 else 1.5e11
+
+    monkeypatch.setattr(measure, "measure_matmul_flops", fake)
+    assert measure.peak_flops(torch.device("cpu"), torch.bfloat16)[0] == 1e9 and sizes == [512]
+    sizes.clear()
+    assert measure.peak_flops(torch.device("cpu"), torch.float32)[0] == 1.5e11 and sizes == [512, 2048]
+    sizes.clear()
+    measure.peak_flops(torch.device("cpu"), torch.bfloat16)  # cached: nothing measured again
+    assert sizes == []
