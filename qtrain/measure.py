@@ -137,7 +137,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tupl
 
     # the CPU's model and instruction-set flags are in the key: a cache directory can outlive the machine under it
     # (a VM moved to another host), and the same "AMD EPYC" name covers AVX2-only and AVX512-BF16 hosts
-    where = _cpu_signature() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = (_cpu_signature() if device.type == "cpu"
+             else torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
     key = f"{device.type}-{where}-{torch.get_num_threads()}t-{dtype}-{torch.__version__}"
     path = cache_root() / "matmul_ceiling.json"
     try:
@@ -158,51 +159,45 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> tupl
     return float(table[key]), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
 
 
-def cpu_has_native_bf16() -> bool | None:
-    """Whether this x86 CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags); None
-    where that cannot be told (no /proc/cpuinfo, or not x86). Without it oneDNN emulates bf16 matmuls: on an AVX2
-    AMD EPYC (2 threads) a 2048^3 bf16 matmul ran ~100x slower than fp32 (benchmarks/README.md, "bf16 on a CPU")."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return None
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, str]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; empty strings where it cannot be read."""
+    name = flags = ""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_signature() -> str:
-    """The CPU's model name and a digest of its flags (from /proc/cpuinfo), or the platform's name elsewhere."""
-    import hashlib
-
-    name, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name") and name in ("", platform.machine()):
+                if line.startswith("model name") and not name:
                     name = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = line.split(":", 1)[1].strip()
                     break
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this x86 CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags); None
+    where that cannot be told (no flags, or not x86). Without it oneDNN emulates bf16 matmuls: on an AVX2 AMD EPYC
+    (2 threads) they ran ~100x slower than fp32 (benchmarks/results/matmul_dtypes.md)."""
+    flags = _cpuinfo()[1]
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686") or not flags:
+        return None
+    return bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and a digest of its flags, or the platform's name where /proc/cpuinfo is missing."""
+    import hashlib
+
+    name, flags = _cpuinfo()
+    name = name or platform.processor() or platform.machine()
     return f"{name}-{hashlib.sha1(flags.encode()).hexdigest()[:8]}" if flags else name
 
 
 def machine_info() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    info = {"cpu": _cpuinfo()[0] or platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

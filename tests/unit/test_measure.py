@@ -109,18 +109,23 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, tmp_path
     bf16, fp32 = load_recipe(None, ["dtype=bfloat16"]), load_recipe(None, [])
     cpu = torch.device("cpu")
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")  # an AVX2-only x86 CPU
+    measure._cpuinfo.cache_clear()  # read once per process; the test rewrites it
     assert measure.cpu_has_native_bf16() is False
     message = slow_precision_warning(bf16, cpu)
     assert message and "dtype=bfloat16" in message and "dtype=float32" in message
     assert slow_precision_warning(fp32, cpu) is None
     assert slow_precision_warning(bf16, torch.device("meta")) is None  # not a CPU: not this warning's business
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    measure._cpuinfo.cache_clear()
     assert measure.cpu_has_native_bf16() is True and slow_precision_warning(bf16, cpu) is None
     cpuinfo.unlink()  # unreadable flags: no claim either way
+    measure._cpuinfo.cache_clear()
     assert measure.cpu_has_native_bf16() is None and slow_precision_warning(bf16, cpu) is None
     monkeypatch.setattr(measure.platform, "machine", lambda: "aarch64")
     cpuinfo.write_text("flags\t: fpu\n")
+    measure._cpuinfo.cache_clear()
     assert measure.cpu_has_native_bf16() is None
+    measure._cpuinfo.cache_clear()  # the next test reads the real file
 
 
 def test_matmul_ceiling_of_a_slow_dtype_is_not_measured_at_full_size(monkeypatch, tmp_path):
