@@ -33,6 +33,14 @@ RUNS = {  # name: (recipe, overrides)
     "BitNet": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean"]),
     "BitNet (GPTQ start)": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=gptq"]),
     "BitNet + distillation": ("cpu-bitnet.yaml", ["distill_weight=0.5", "bitnet_start=absmean"]),
+    # the learning rate and step size of plain BitNet: a shadow weight must move by about half the layer's mean |W|
+    # (~0.01 here) to flip its ternary value, which at 3e-4 per Adam step takes tens of steps
+    "BitNet lr 1e-3": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-3"]),
+    "BitNet lr 3e-3": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=3e-3"]),
+    "BitNet lr 1e-3 accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-3",
+                                                   "grad_accum_steps=2"]),
+    "BitNet lr 3e-3 accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=3e-3",
+                                                   "grad_accum_steps=2"]),
 }
 
 
@@ -41,8 +49,12 @@ def train(work: Path, minutes: float, eval_every: int, val_sequences: int, names
     for name in names:
         recipe, extra = RUNS[name]
         run = work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        # --eval-every counts steps of the recipes' 8 micro-batches, so a run with smaller steps is evaluated
+        # after the same number of tokens
+        accum = next((int(x.split("=")[1]) for x in extra if x.startswith("grad_accum_steps=")), 8)
+        every = max(1, eval_every * 8 // accum)
         cmd = [sys.executable, "-m", "qtrain", "fit", "--recipe", f"recipes/{recipe}", "-o", str(run), "--overwrite",
-               "--time", f"{minutes}m", "max_steps=100000", f"eval_every={eval_every}", "save_every=0",
+               "--time", f"{minutes}m", "max_steps=100000", f"eval_every={every}", "save_every=0",
                f"val_max_sequences={val_sequences}", *extra]
         print("$", " ".join(cmd[2:]), flush=True)
         start = time.perf_counter()
