@@ -37,9 +37,9 @@ RUNS = {  # name: (recipe, overrides)
     # (~0.01 here) to flip its ternary value, which at 3e-4 per Adam step takes tens of steps
     "BitNet lr 1e-3": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-3"]),
     "BitNet lr 3e-3": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=3e-3"]),
-    "BitNet lr 1e-3 accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-3",
-                                                   "grad_accum_steps=2"]),
-    "BitNet lr 3e-3 accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=3e-3",
+    "BitNet lr 1e-4": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-4"]),
+    "BitNet accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "grad_accum_steps=2"]),
+    "BitNet lr 1e-4 accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-4",
                                                    "grad_accum_steps=2"]),
 }
 
