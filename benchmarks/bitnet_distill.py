@@ -39,6 +39,7 @@ RUNS = {  # name: (recipe, overrides)
     "BitNet lr 3e-3": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=3e-3"]),
     "BitNet lr 1e-4": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-4"]),
     "BitNet accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "grad_accum_steps=2"]),
+    "BitNet accum 1": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "grad_accum_steps=1"]),
     "BitNet lr 1e-4 accum 2": ("cpu-bitnet.yaml", ["distill_weight=0", "bitnet_start=absmean", "learning_rate=1e-4",
                                                    "grad_accum_steps=2"]),
 }
