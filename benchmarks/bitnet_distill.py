@@ -49,7 +49,7 @@ def train(work: Path, minutes: float, eval_every: int, val_sequences: int, names
     out = {}
     for name in names:
         recipe, extra = RUNS[name]
-        run = work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        run = work / slug(name)
         # --eval-every counts steps of the recipes' 8 micro-batches, so a run with smaller steps is evaluated
         # after the same number of tokens
         accum = next((int(x.split("=")[1]) for x in extra if x.startswith("grad_accum_steps=")), 8)
@@ -60,27 +60,36 @@ def train(work: Path, minutes: float, eval_every: int, val_sequences: int, names
         print("$", " ".join(cmd[2:]), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
-        summary = json.loads((run / "summary.json").read_text())
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        seconds, tokens, at = 0.0, 0, {}
-        for x in lines:
-            if "loss" in x:
-                seconds += x["step_seconds"]
-                tokens = x["tokens"]
-                at[x["step"]] = (round(seconds, 1), tokens)
-        curve = [{"step": 0, "train_seconds": 0.0, "tokens": 0, "val_ppl": summary["val_perplexity_before"]}]
-        curve += [{"step": x["step"], "train_seconds": at[x["step"]][0], "tokens": at[x["step"]][1],
-                   "val_ppl": round(math.exp(x["val_loss"]), 3)} for x in lines if "val_loss" in x]
-        if curve[-1]["step"] != summary["steps"]:  # the last step is often also an evaluation step
-            curve.append({"step": summary["steps"], "train_seconds": summary["train_seconds"],
-                          "tokens": summary["train_tokens"], "val_ppl": summary["val_perplexity_after"]})
-        out[name] = {"recipe": recipe, "overrides": extra, "dir": str(run),
-                     "wall_seconds": round(time.perf_counter() - start, 1),
-                     "summary": {k: summary.get(k) for k in (
-                         "steps", "train_tokens", "train_seconds", "tokens_per_second", "mfu", "peak_memory_bytes",
-                         "val_perplexity_before", "val_perplexity_after", "trainable_params", "distill")},
-                     "val_curve": curve}
+        out[name] = read_run(run, recipe, extra, time.perf_counter() - start)
     return out
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def read_run(run: Path, recipe: str, extra: list[str], wall_seconds: float | None) -> dict:
+    """One finished run directory as a result entry: its summary and its validation curve by training time."""
+    summary = json.loads((run / "summary.json").read_text())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    seconds, tokens, at = 0.0, 0, {}
+    for x in lines:
+        if "loss" in x:
+            seconds += x["step_seconds"]
+            tokens = x["tokens"]
+            at[x["step"]] = (round(seconds, 1), tokens)
+    curve = [{"step": 0, "train_seconds": 0.0, "tokens": 0, "val_ppl": summary["val_perplexity_before"]}]
+    curve += [{"step": x["step"], "train_seconds": at[x["step"]][0], "tokens": at[x["step"]][1],
+               "val_ppl": round(math.exp(x["val_loss"]), 3)} for x in lines if "val_loss" in x]
+    if curve[-1]["step"] != summary["steps"]:  # the last step is often also an evaluation step
+        curve.append({"step": summary["steps"], "train_seconds": summary["train_seconds"],
+                      "tokens": summary["train_tokens"], "val_ppl": summary["val_perplexity_after"]})
+    return {"recipe": recipe, "overrides": extra, "dir": str(run),
+            "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
+            "summary": {k: summary.get(k) for k in (
+                "steps", "train_tokens", "train_seconds", "tokens_per_second", "mfu", "peak_memory_bytes",
+                "val_perplexity_before", "val_perplexity_after", "trainable_params", "distill")},
+            "val_curve": curve}
 
 
 def loaded_back(run_dir: str | None, val_sequences: int) -> dict:
@@ -237,6 +246,9 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     ap.add_argument("--name", default="bitnet_distill", help="results file name (benchmarks/results/NAME.*)")
     ap.add_argument("--combine", help="comma-separated results names to merge into --name, instead of training")
+    ap.add_argument("--collect", help="read the --runs' finished directories kept (--keep) under this directory by "
+                    "an invocation that was stopped before it wrote its results, instead of training")
+    ap.add_argument("--collect-command", default="", help="with --collect: the command that trained those runs")
     args = ap.parse_args()
     names = [n.strip() for n in args.runs.split(",")]
     unknown = [n for n in names if n not in RUNS]
@@ -244,6 +256,17 @@ def main() -> None:
         ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
     if args.combine:
         result = combine([n.strip() for n in args.combine.split(",")])
+    elif args.collect:
+        runs = {n: read_run(Path(args.collect) / slug(n), *RUNS[n], None) for n in names}
+        base_ppl = next(iter(runs.values()))["summary"]["val_perplexity_before"] if not any(
+            n.startswith("BitNet") for n in runs) else round(loaded_back(None, args.val_sequences)["val_ppl"], 3)
+        goal = BASE_PPL_GOAL_FACTOR * base_ppl
+        result = header(args.name, command=args.collect_command + f" (stopped; its finished runs read back by "
+                        f"`python benchmarks/bitnet_distill.py --collect {args.collect} --runs '{args.runs}'`)",
+                        minutes=args.minutes, val_tokens=args.val_sequences * 512, base_ppl=base_ppl, goal_ppl=goal,
+                        runs=runs, loaded_back=None,
+                        extrapolation={n: extrapolate(r["val_curve"], goal) for n, r in runs.items()
+                                       if n.startswith("BitNet")})
     elif args.render_only:
         result = json.loads((RESULTS / f"{args.name}.json").read_text())
         for run in result["runs"].values():  # drop a final point repeated from the last evaluation
