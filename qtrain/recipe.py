@@ -71,6 +71,10 @@ class Recipe:
     seq_len: int = 512
     val_fraction: float = 0.05
     val_max_sequences: int = 32
+    # the validation sequences' length (None: seq_len). Fixed, it scores runs trained at different seq_len on the
+    # same split. The planner counts training, not evaluation: a no-grad forward at a val_seq_len far above
+    # seq_len can need more memory than a training step.
+    val_seq_len: int | None = None
     extensions: list[str] | None = None
     min_file_bytes: int = 64
     max_file_bytes: int = 1_000_000
@@ -132,6 +136,8 @@ class Recipe:
         for key in ("warmup_steps", "bitnet_warmup_steps", "eval_every", "save_every", "min_file_bytes", "weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 raise RecipeError(f"recipe key '{key}' must be >= 0, got {getattr(self, key)!r}")
+        if self.val_seq_len is not None and self.val_seq_len <= 0:
+            raise RecipeError(f"recipe key 'val_seq_len' must be > 0 (or null for seq_len), got {self.val_seq_len!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise RecipeError(f"recipe key 'val_fraction' must be between 0 and 1 (exclusive), got {self.val_fraction!r}")
         for key in ("fim_rate", "lora_dropout", "min_lr_ratio", "distill_weight"):

@@ -102,7 +102,7 @@ def build_data(data: str | None, recipe: Recipe, tokenizer, skip_bad_lines: bool
     # Validation is plain causal LM (no FIM), so before/after perplexities are comparable across recipes.
     val_ex = tokenize_documents(val_docs, tokenizer, seed=recipe.seed, chat=chat)
     tr_ids, tr_lab, tr_drop = pack(train_ex, recipe.seq_len)
-    va_ids, va_lab, _ = pack(val_ex, recipe.seq_len, allow_short=True)
+    va_ids, va_lab, _ = pack(val_ex, recipe.val_seq_len or recipe.seq_len, allow_short=True)
     if len(tr_ids) == 0:
         total = sum(len(e.ids) for e in train_ex)
         from qtrain.data.corpus import DataError

@@ -408,3 +408,17 @@ def test_resident_memory_guard_backs_off_a_run_the_planner_under_predicted(tmp_p
     assert summary["memory_limit_bytes"] == budget
     assert [(b["micro_batch_size"], b["grad_accum_steps"]) for b in summary["backoffs"]] == [(2, 2)]
     assert summary["micro_batch_size_final"] == 2 and summary["steps"] == 2
+
+
+def test_val_seq_len_fixes_the_validation_split_whatever_seq_len_trains(tiny_model_dir, code_dir):
+    from qtrain.models import load_tokenizer, resolve_model_source
+    from qtrain.recipe import RecipeError
+    from qtrain.train import build_data
+
+    tok = load_tokenizer(resolve_model_source(str(tiny_model_dir)))
+    short = build_data(str(code_dir), load_recipe(None, TINY + ["seq_len=32", "val_seq_len=64"]), tok)
+    same = build_data(str(code_dir), load_recipe(None, TINY), tok)
+    assert short.train_ids.shape[1] == 32 and short.val_ids.shape[1] == 64
+    assert torch.equal(short.val_ids, same.val_ids) and torch.equal(short.val_labels, same.val_labels)
+    with pytest.raises(RecipeError, match="val_seq_len"):
+        load_recipe(None, ["val_seq_len=0"])
