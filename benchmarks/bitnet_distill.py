@@ -51,7 +51,6 @@ RUNS = {  # name: (recipe, overrides)
     # activation quantisation (use_rms_norm, which the packed format carries; the HF 1.58-bit write-up found it
     # steadied training)
     "BitNet accum 1 lr 1e-3": ("cpu-bitnet.yaml", [*_PLAIN, "grad_accum_steps=1", "learning_rate=1e-3"]),
-    "BitNet accum 1 lr 6e-4": ("cpu-bitnet.yaml", [*_PLAIN, "grad_accum_steps=1", "learning_rate=6e-4"]),
     "BitNet accum 1 rms norm": ("cpu-bitnet.yaml", [*_PLAIN, "grad_accum_steps=1", _LR, "bitnet_rms_norm=true"]),
     "BitNet accum 1 lr 2e-3": ("cpu-bitnet.yaml", [*_PLAIN, "grad_accum_steps=1", "learning_rate=2e-3"]),
     # 256-token sequences: twice the optimizer steps for the same tokens (validated on the same 512-token split)
